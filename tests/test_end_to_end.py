@@ -1,0 +1,109 @@
+"""The whole job on the tiny model and a small easy-vqa subset, through the stage functions that
+the scripts call: data -> train -> eval -> submit, then the adapter reloaded by peft."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from vqa.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir):
+    artifacts = tmp_path_factory.mktemp("run")
+    shutil.copytree(tiny_model_dir, artifacts / "base-model")
+    return artifacts
+
+
+def _config(run_dir, *extra):
+    return load_config([f"ARTIFACTS_DIR={run_dir}", f"DATA_DIR={run_dir / 'data'}",
+                        "DATA_TRAIN_ROWS=160", "DATA_TEST_ROWS=48", "EPOCHS=2", "LR=2e-3",
+                        "VAL_SAMPLE=16", "PER_DEVICE_BATCH=8", "PRED_BATCH_SIZE=16", *extra],
+                       environ={})
+
+
+@pytest.mark.slow
+def test_train_eval_submit_and_reload(run_dir):
+    from vqa.easyvqa import write_dataset
+    from vqa.evaluate import evaluate
+    from vqa.submit import submit
+    from vqa.train import train
+
+    config = _config(run_dir)
+    write_dataset(config.data_dir, config.data_train_rows, config.data_test_rows, config.seed)
+
+    metrics = train(config, per_device_batch=8)
+    assert metrics["effective_batch_size"] == 16 and metrics["gradient_accumulation"] == 2
+    # 144 training rows (90%), 16 per optimizer step, every row every epoch: 9 steps an epoch.
+    assert metrics["train_rows"] == 144 and metrics["optimizer_steps"] == 18
+    adapter = run_dir / "lora_adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 32
+    assert (run_dir / "train_curve.png").stat().st_size > 1000
+
+    report = evaluate(config)
+    assert report["validation"]["rows"] == 16
+    assert 0.0 <= report["test"]["accuracy"] <= 1.0 and report["test"]["rows"] == 48
+    assert set(report["test"]["per_family"]) <= {"color", "shape", "yes/no"}
+    assert (run_dir / "confusion_matrix.png").is_file()
+
+    submit(config)
+    submission = pd.read_csv(run_dir / "submission.csv", dtype=str)
+    test = pd.read_csv(config.data_dir / "test.csv", dtype=str)
+    sample = pd.read_csv(config.data_dir / "sample_submission.csv", dtype=str)
+    assert list(submission["id"]) == list(sample["id"])  # sample_submission's order
+    assert sorted(submission["id"]) == sorted(test["id"]) and submission["id"].is_unique
+    assert set(submission["answer"]) <= set("abcd")
+
+    # The adapter in peft format, reloaded the standard way, gives the same answers.
+    from peft import PeftModel
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from vqa.predict import predict_rows
+
+    processor = AutoProcessor.from_pretrained(run_dir / "base-model")
+    base = Qwen2_5_VLForConditionalGeneration.from_pretrained(run_dir / "base-model")
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    again = predict_rows(model, processor, test.to_dict("records"), config.data_dir, batch_size=7)
+    assert again.answers == dict(zip(submission["id"], submission["answer"]))
+
+    # generate mode answers every row too, with valid letters.
+    generate = _config(run_dir, "INFER_MODE=generate", "MAX_NEW_TOKENS=4")
+    report = submit(generate)
+    submission = pd.read_csv(run_dir / "submission.csv", dtype=str)
+    assert sorted(submission["id"]) == sorted(test["id"]) and set(submission["answer"]) <= set("abcd")
+    assert report["unparsed_generations_resolved_by_scoring"] <= len(test)
+
+
+@pytest.mark.slow
+def test_scripts_run_from_the_command_line(run_dir):
+    """The Make targets' scripts: preflight writes both reports; a bad setting exits 2."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    args = [f"ARTIFACTS_DIR={run_dir}", f"DATA_DIR={run_dir / 'data'}"]
+    done = subprocess.run([sys.executable, "scripts/preflight.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "vqa preflight: runnable" in done.stdout
+    report = json.loads((run_dir / "preflight.json").read_text())
+    assert report["verdict"] == "runnable" and report["data"]["test_rows"] == 48
+    assert report["data"]["train_sequence_length"]["max"] > 16  # visual tokens are counted
+    assert "# Preflight: runnable" in (run_dir / "preflight.md").read_text()
+
+    bad = subprocess.run([sys.executable, "scripts/train.py", *args, "LORA_R=-1"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == "vqa train: error: LORA_R=-1: must be positive"
+
+    missing = subprocess.run([sys.executable, "scripts/submit.py", f"ARTIFACTS_DIR={run_dir}",
+                              f"DATA_DIR={run_dir / 'nowhere'}"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert missing.returncode == 2
+    assert "nowhere/test.csv: file not found" in missing.stderr.strip().splitlines()[-1]

@@ -1,0 +1,169 @@
+"""The one typed config of a vqa run.
+
+Defaults are the reference setup. Each field has an upper-case knob name; a knob is set from the
+environment (`LORA_R=16 make train`) or as a `KEY=value` argument (`make train LORA_R=16`, which
+Make forwards to the script). Arguments win over the environment. An unknown `KEY=value`
+argument or a bad value stops the run with one line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A knob the user set is unknown or has a bad value."""
+
+
+@dataclass
+class Config:
+    # where things are
+    data_dir: Path = Path("data/easy-vqa")
+    artifacts_dir: Path = Path("artifacts")
+    model_id: str = ""  # local folder or hub id; empty = the embedded tiny model in the artifacts
+    # the reference recipe
+    per_device_batch: int | None = None  # None = the planner's choice
+    effective_batch_size: int = 16
+    lora_r: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.08
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    epochs: int = 3
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 0.3
+    val_fraction: float = 0.1
+    val_sample: int = 256
+    early_stopping_patience: int = 1
+    seed: int = 42
+    quant: Literal["4bit", "none"] = "4bit"
+    max_sequence_length: int | None = None  # None = no limit; rows above a limit are refused
+    min_pixels: int | None = None  # None = the loaded processor's own value
+    max_pixels: int | None = None
+    # prediction
+    pred_batch_size: int | None = None  # None = the planner's choice
+    max_new_tokens: int = 16
+    infer_mode: Literal["score", "generate"] = "score"
+    # the embedded default
+    data_train_rows: int = 3000  # 0 = all of easy-vqa's share for the demo
+    data_test_rows: int = 1000  # 0 = all 9,673
+    base_pretrain_steps: int = 2000  # full fine-tuning steps that pretrain the tiny base model
+    # housekeeping
+    num_threads: int | None = None  # CPU threads for torch; None = torch's default
+    dataloader_workers: int = 0
+
+    @property
+    def model_dir(self) -> Path:
+        """The embedded tiny model's folder (where `make model` writes it)."""
+        return self.artifacts_dir / "base-model"
+
+    @property
+    def resolved_model_id(self) -> str:
+        return self.model_id or str(self.model_dir)
+
+    def to_json(self) -> dict:
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[knob_name(f.name)] = str(value) if isinstance(value, Path) else value
+        out["MODEL_ID"] = self.resolved_model_id
+        return out
+
+    def save(self, path: Path) -> None:
+        from vqa.io import write_json_atomic
+
+        write_json_atomic(path, self.to_json())
+
+    def describe(self) -> str:
+        return "\n".join(f"  {k:<24} {v}" for k, v in self.to_json().items())
+
+
+def knob_name(field_name: str) -> str:
+    return field_name.upper()
+
+
+KNOBS = {knob_name(f.name): f.name for f in fields(Config)}
+
+
+def _parse_value(knob: str, raw: str, annotation):
+    raw = raw.strip()
+    optional = type(None) in get_args(annotation)
+    if optional:
+        if raw.lower() in ("", "auto", "none"):
+            return None
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is Literal:
+        choices = get_args(annotation)
+        if raw not in choices:
+            raise ConfigError(f"{knob}={raw!r}: must be one of {', '.join(choices)}")
+        return raw
+    try:
+        if annotation is int:
+            value = int(raw)
+        elif annotation is float:
+            value = float(raw)
+        elif annotation is Path:
+            value = Path(raw)
+        else:
+            value = raw
+    except ValueError:
+        raise ConfigError(f"{knob}={raw!r}: expected {annotation.__name__}") from None
+    return value
+
+
+_POSITIVE = {"per_device_batch", "effective_batch_size", "lora_r", "lora_alpha", "epochs",
+             "pred_batch_size", "max_new_tokens", "val_sample", "max_sequence_length",
+             "min_pixels", "max_pixels", "num_threads",
+             "base_pretrain_steps"}
+_FRACTIONS = {"lora_dropout", "warmup_ratio", "val_fraction"}
+
+
+def _check(config: Config) -> None:
+    for name in _POSITIVE:
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{knob_name(name)}={value}: must be positive")
+    for name in _FRACTIONS:
+        value = getattr(config, name)
+        if not 0 <= value < 1:
+            raise ConfigError(f"{knob_name(name)}={value}: must lie in [0, 1)")
+    if config.lr <= 0:
+        raise ConfigError(f"LR={config.lr}: must be positive")
+    if config.min_pixels and config.max_pixels and config.min_pixels > config.max_pixels:
+        raise ConfigError(f"MIN_PIXELS={config.min_pixels} exceeds MAX_PIXELS={config.max_pixels}")
+    if config.per_device_batch and config.effective_batch_size % config.per_device_batch:
+        raise ConfigError(
+            f"EFFECTIVE_BATCH_SIZE={config.effective_batch_size} is not a multiple of "
+            f"PER_DEVICE_BATCH={config.per_device_batch}")
+
+
+def load_config(argv: list[str] | None = None, environ: dict | None = None) -> Config:
+    """The config from defaults, then the environment, then `KEY=value` arguments."""
+    environ = dict(os.environ if environ is None else environ)
+    overrides: dict[str, str] = {k: environ[k] for k in KNOBS if k in environ}
+    for arg in argv or []:
+        if "=" not in arg:
+            raise ConfigError(f"unexpected argument {arg!r}: settings are KEY=value")
+        key, raw = arg.split("=", 1)
+        key = key.strip().upper()
+        if key not in KNOBS:
+            near = difflib.get_close_matches(key, KNOBS, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"unknown setting {key}{hint}; `make help` lists them")
+        overrides[key] = raw
+    hints = get_type_hints(Config)
+    values = {KNOBS[k]: _parse_value(k, raw, hints[KNOBS[k]]) for k, raw in overrides.items()}
+    config = dataclasses.replace(Config(), **values)
+    _check(config)
+    return config
+
+
+def read_saved_config(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

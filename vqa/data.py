@@ -1,0 +1,174 @@
+"""The data contract: CSV schema and validation, images, the stratified split, prompts, collators.
+
+train.csv: id, path, question, a, b, c, d, answer (a-d); test.csv: the same without answer; `path`
+is relative to DATA_DIR. An optional sample_submission.csv fixes the submission's id order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+
+LETTERS = ["a", "b", "c", "d"]
+OPTION_LABELS = ["A", "B", "C", "D"]  # what the model reads and answers
+REQUIRED_COLUMNS = ["id", "path", "question", *LETTERS]
+PROMPT_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+class DataError(ValueError):
+    """A problem with the user's data, reported as one line naming the file and row."""
+
+
+def read_table(path: Path, *, with_answer: bool) -> pd.DataFrame:
+    """Reads and validates train.csv (with_answer) or test.csv; raises DataError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        # utf-8-sig reads UTF-8 with or without a BOM.
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"{path}: cannot parse CSV ({str(exc).splitlines()[0]})") from None
+    frame.columns = [str(c).strip() for c in frame.columns]
+    required = REQUIRED_COLUMNS + (["answer"] if with_answer else [])
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
+                        f"found {', '.join(frame.columns)}")
+    if frame.empty:
+        raise DataError(f"{path}: no rows (header only)")
+    for column in required:
+        frame[column] = frame[column].astype(str).str.strip()
+    duplicated = frame["id"][frame["id"].duplicated()]
+    if not duplicated.empty:
+        row = int(duplicated.index[0]) + 2  # +1 header, +1 one-based
+        raise DataError(f"{path}: row {row}: duplicate id {duplicated.iloc[0]!r} "
+                        f"({duplicated.size} duplicate(s) in all)")
+    for column in ["id", "path", "question", *LETTERS]:
+        empty = frame.index[frame[column] == ""]
+        if len(empty):
+            raise DataError(f"{path}: row {int(empty[0]) + 2} (id {frame.at[empty[0], 'id']!r}): "
+                            f"empty {column!r}")
+    if with_answer:
+        frame["answer"] = frame["answer"].str.lower()
+        bad = frame.index[~frame["answer"].isin(LETTERS)]
+        if len(bad):
+            raise DataError(f"{path}: row {int(bad[0]) + 2} (id {frame.at[bad[0], 'id']!r}): "
+                            f"answer {frame.at[bad[0], 'answer']!r} is not one of a, b, c, d")
+    return frame.reset_index(drop=True)
+
+
+def resolve_image(data_dir: Path, rel: str) -> Path:
+    """The image's absolute path; refuses paths that leave DATA_DIR."""
+    root = Path(data_dir).resolve()
+    path = (root / rel).resolve()
+    if root != path and root not in path.parents:
+        raise DataError(f"image path {rel!r} resolves outside DATA_DIR ({root})")
+    return path
+
+
+def load_image(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+def blank_like(image: Image.Image) -> Image.Image:
+    """A white image of the same size: the model's input with the picture's content removed."""
+    return Image.new("RGB", image.size, (255, 255, 255))
+
+
+def stratified_split(frame: pd.DataFrame, val_fraction: float, seed: int):
+    """90/10 (by default) split stratified by answer letter, reproducible for a seed."""
+    from sklearn.model_selection import train_test_split
+
+    counts = frame["answer"].value_counts()
+    stratify = frame["answer"] if counts.min() >= 2 else None
+    train, val = train_test_split(frame, test_size=val_fraction, random_state=seed,
+                                  stratify=stratify)
+    return train.reset_index(drop=True), val.reset_index(drop=True)
+
+
+def stratified_sample(frame: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
+    """At most `rows` rows keeping the answer-letter proportions: the fixed validation sample."""
+    if len(frame) <= rows:
+        return frame.reset_index(drop=True)
+    from sklearn.model_selection import train_test_split
+
+    counts = frame["answer"].value_counts()
+    stratify = frame["answer"] if counts.min() >= 2 else None
+    sample, _ = train_test_split(frame, train_size=rows, random_state=seed, stratify=stratify)
+    return sample.reset_index(drop=True)
+
+
+def prompt_text(row) -> str:
+    options = "\n".join(f"{label}. {row[letter]}" for label, letter in zip(OPTION_LABELS, LETTERS))
+    return f"{row['question']}\n{options}\n{PROMPT_INSTRUCTION}"
+
+
+def build_messages(row) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": prompt_text(row)}]}]
+
+
+def letter_token_ids(tokenizer) -> list[int]:
+    """Token ids of A-D as the model emits them after 'assistant\\n'; each must be one token."""
+    ids = []
+    for label in OPTION_LABELS:
+        tokens = tokenizer.encode(label, add_special_tokens=False)
+        if len(tokens) != 1:
+            raise ValueError(f"option letter {label!r} is not a single token: {tokens}")
+        ids.append(tokens[0])
+    return ids
+
+
+@dataclass
+class VQACollator:
+    """Turns rows into a left-padded model batch.
+
+    With `train=True` the answer letter and <|im_end|> follow the prompt and are the only labelled
+    tokens (with <|im_end|> labelled, generation learns to stop after the letter).
+    `blank_images=True` replaces every picture with a white one of the same size.
+    """
+
+    processor: object
+    data_dir: Path
+    train: bool = False
+    blank_images: bool = False
+
+    def __call__(self, rows: list[dict]) -> dict:
+        texts, images = [], []
+        for row in rows:
+            text = self.processor.apply_chat_template(
+                build_messages(row), tokenize=False, add_generation_prompt=True)
+            if self.train:
+                text += OPTION_LABELS[LETTERS.index(row["answer"])] + "<|im_end|>"
+            texts.append(text)
+            image = row.get("image") or load_image(resolve_image(self.data_dir, row["path"]))
+            images.append(blank_like(image) if self.blank_images else image)
+        batch = self.processor(text=texts, images=images, padding=True, padding_side="left",
+                               return_tensors="pt")
+        if self.train:
+            labels = torch.full_like(batch["input_ids"], -100)
+            labels[:, -2:] = batch["input_ids"][:, -2:]
+            batch["labels"] = labels
+        batch.pop("token_type_ids", None)
+        if "mm_token_type_ids" not in batch:
+            raise RuntimeError("processor returned no mm_token_type_ids: mRoPE positions need them")
+        return dict(batch)
+
+
+def batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def num_batches(n: int, size: int) -> int:
+    return math.ceil(n / size)

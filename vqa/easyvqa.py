@@ -1,0 +1,138 @@
+"""The embedded default data: the `easy-vqa` package turned into the competition's CSV contract.
+
+easy-vqa (MIT) ships 38,575 train / 9,673 test questions over 4,000 / 1,000 small images with 13
+one-word answers. Each question becomes a four-option row: the options are the answer plus
+distractors from the same answer family (colour, shape, yes/no; other answers fill the family's
+gaps), and the answer's letter cycles through a-d so letters are balanced.
+
+The train images are split in two by image id: even ids are the base model's pretraining corpus
+(`make model`), odd ids the demo's train.csv, so the fine-tune never sees what the base saw.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from vqa.data import LETTERS
+
+COLORS = ["red", "green", "blue", "black", "gray", "teal", "brown", "yellow"]
+SHAPES = ["circle", "rectangle", "triangle"]
+YES_NO = ["yes", "no"]
+FAMILIES = {"color": COLORS, "shape": SHAPES, "yes/no": YES_NO}
+
+
+def family_of(answer: str) -> str:
+    for name, members in FAMILIES.items():
+        if answer in members:
+            return name
+    raise ValueError(f"easy-vqa answer {answer!r} belongs to no family")
+
+
+def make_options(answer: str, letter_index: int, rng: random.Random) -> list[str]:
+    """Four distinct options with `answer` at `letter_index`, same-family distractors first."""
+    family = FAMILIES[family_of(answer)]
+    same = [a for a in family if a != answer]
+    other = [a for f in FAMILIES.values() if f is not family for a in f]
+    rng.shuffle(same)
+    rng.shuffle(other)
+    distractors = (same + other)[:3]
+    return distractors[:letter_index] + [answer] + distractors[letter_index:]
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    answer: str
+    image_id: int
+    image_path: str
+
+
+def load_split(split: str) -> list[Question]:
+    import easy_vqa
+
+    if split == "train":
+        questions, answers, image_ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    elif split == "test":
+        questions, answers, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    else:
+        raise ValueError(f"unknown easy-vqa split {split!r}")
+    return [Question(q, a, i, paths[i]) for q, a, i in zip(questions, answers, image_ids)]
+
+
+def pretraining_questions() -> list[Question]:
+    """The base model's share of easy-vqa: train questions on even image ids."""
+    return [q for q in load_split("train") if q.image_id % 2 == 0]
+
+
+def sample_questions(questions: list[Question], rows: int, seed: int) -> list[Question]:
+    """`rows` questions (0 = all), stratified by answer family so each keeps its share."""
+    if rows <= 0 or rows >= len(questions):
+        return list(questions)
+    rng = random.Random(seed)
+    by_family: dict[str, list[Question]] = {}
+    for q in questions:
+        by_family.setdefault(family_of(q.answer), []).append(q)
+    picked: list[Question] = []
+    for name, members in sorted(by_family.items()):
+        share = round(rows * len(members) / len(questions))
+        picked += rng.sample(members, min(share, len(members)))
+    rng.shuffle(picked)
+    return picked[:rows]
+
+
+def to_rows(questions: list[Question], prefix: str, seed: int) -> pd.DataFrame:
+    """Competition-format rows; `path` points at images/<prefix>/<image id>.png."""
+    rng = random.Random(seed)
+    records = []
+    for n, q in enumerate(questions):
+        letter_index = n % 4
+        options = make_options(q.answer, letter_index, rng)
+        records.append({
+            "id": f"{prefix.upper()}_{n:05d}",
+            "path": f"images/{prefix}/{q.image_id}.png",
+            "question": q.question,
+            **dict(zip(LETTERS, options)),
+            "answer": LETTERS[letter_index],
+            "family": family_of(q.answer),
+        })
+    frame = pd.DataFrame.from_records(records)
+    # The cycling letter would otherwise follow the question order: shuffle rows, keep balance.
+    return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+def write_dataset(data_dir: Path, train_rows: int, test_rows: int, seed: int) -> dict:
+    """Writes train.csv, test.csv, test_answers.csv, sample_submission.csv and the images."""
+    data_dir = Path(data_dir)
+    train_pool = [q for q in load_split("train") if q.image_id % 2 == 1]
+    train = to_rows(sample_questions(train_pool, train_rows, seed), "train", seed)
+    test = to_rows(sample_questions(load_split("test"), test_rows, seed + 1), "test", seed + 1)
+
+    for prefix, questions in (("train", train_pool), ("test", load_split("test"))):
+        sources = {q.image_id: q.image_path for q in questions}
+        wanted = train if prefix == "train" else test
+        target = data_dir / "images" / prefix
+        target.mkdir(parents=True, exist_ok=True)
+        for rel in wanted["path"].unique():
+            image_id = int(Path(rel).stem)
+            shutil.copyfile(sources[image_id], data_dir / rel)
+
+    columns = ["id", "path", "question", *LETTERS]
+    train[columns + ["answer"]].to_csv(data_dir / "train.csv", index=False)
+    test[columns].to_csv(data_dir / "test.csv", index=False)
+    test[["id", "answer", "family"]].to_csv(data_dir / "test_answers.csv", index=False)
+    train[["id", "family"]].to_csv(data_dir / "train_families.csv", index=False)
+    pd.DataFrame({"id": test["id"], "answer": "a"}).to_csv(
+        data_dir / "sample_submission.csv", index=False)
+    return {
+        "train_rows": len(train), "test_rows": len(test),
+        "train_images": int(train["path"].nunique()), "test_images": int(test["path"].nunique()),
+        "train_letters": train["answer"].value_counts().sort_index().to_dict(),
+        "families": train["family"].value_counts().to_dict(),
+    }

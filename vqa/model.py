@@ -1,0 +1,109 @@
+"""Loading the processor and model (4-bit NF4 or not) and attaching LoRA: one place for both the
+embedded tiny model and `Qwen/Qwen2.5-VL-7B-Instruct`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from vqa.config import Config
+
+log = logging.getLogger("vqa")
+
+
+class ModelError(RuntimeError):
+    """The model or processor cannot be loaded; the message says what to do."""
+
+
+def device_and_dtype() -> tuple[str, torch.dtype]:
+    if torch.cuda.is_available():
+        major, _ = torch.cuda.get_device_capability()
+        return "cuda", torch.bfloat16 if major >= 8 else torch.float16
+    return "cpu", torch.float32
+
+
+def uses_4bit(config: Config) -> bool:
+    """4-bit NF4 only on CUDA: bitsandbytes' CPU path broke a training forward after an eval one."""
+    return config.quant == "4bit" and torch.cuda.is_available()
+
+
+def _missing_model_message(model_id: str, exc: Exception) -> str:
+    if Path(model_id).exists() or model_id.startswith((".", "/")):
+        return f"cannot load model from {model_id}: {exc}".splitlines()[0]
+    return (f"cannot load {model_id!r} from the hub or the local cache ({type(exc).__name__}); "
+            f"without network, download it elsewhere and set MODEL_ID to the mounted folder")
+
+
+def load_processor(config: Config):
+    from transformers import AutoProcessor
+
+    model_id = config.resolved_model_id
+    kwargs = {}
+    if config.min_pixels:
+        kwargs["min_pixels"] = config.min_pixels
+    if config.max_pixels:
+        kwargs["max_pixels"] = config.max_pixels
+    try:
+        processor = AutoProcessor.from_pretrained(model_id, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(_missing_model_message(model_id, exc)) from None
+    if not hasattr(processor, "image_processor"):
+        raise ModelError(f"{model_id}: AutoProcessor returned {type(processor).__name__}, "
+                         f"not a vision processor (is torchvision installed?)")
+    return processor
+
+
+def load_model(config: Config, *, for_training: bool):
+    """The base model on the right device; 4-bit NF4 with double quantisation under QUANT=4bit."""
+    from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+
+    device, dtype = device_and_dtype()
+    kwargs: dict = {"dtype": dtype}
+    if uses_4bit(config):
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+        kwargs["device_map"] = {"": 0}
+    model_id = config.resolved_model_id
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_id, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(_missing_model_message(model_id, exc)) from None
+    if not uses_4bit(config):
+        model.to(device)
+    model.config.use_cache = not for_training
+    return model
+
+
+def attach_lora(model, config: Config):
+    """The reference LoRA on q,k,v,o,gate,up,down with gradient checkpointing."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if uses_4bit(config):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=[t.strip() for t in config.lora_targets.split(",") if t.strip()],
+        bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def load_for_inference(config: Config, adapter_dir: Path | None):
+    """The base model with the trained adapter when one exists; says which it is."""
+    model = load_model(config, for_training=False)
+    if adapter_dir is not None and (Path(adapter_dir) / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+        source = f"base model + LoRA adapter from {adapter_dir}"
+    else:
+        source = "base model only (no adapter found: run `make train` first to fine-tune)"
+    model.eval()
+    return model, source

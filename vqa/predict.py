@@ -1,0 +1,120 @@
+"""Answering rows: one-pass option scoring (default) or the reference's greedy generation.
+
+`score` runs one forward pass per batch with `logits_to_keep=1` and takes the highest of the four
+option-letter logits, so every answer is a valid letter. `generate` decodes up to MAX_NEW_TOKENS
+greedily and parses the first option letter; rows whose output holds none are answered by scoring
+and counted. Batches are left-padded and sorted by length so padding stays small.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vqa.data import LETTERS, OPTION_LABELS, VQACollator, letter_token_ids
+
+_LETTER = re.compile(r"\b([A-Da-d])\b")
+
+
+@dataclass
+class Predictions:
+    answers: dict[str, str] = field(default_factory=dict)  # id -> a-d
+    letter_probs: dict[str, list[float]] = field(default_factory=dict)  # score mode
+    unparsed: list[str] = field(default_factory=list)  # generate mode: ids resolved by scoring
+    raw_outputs: dict[str, str] = field(default_factory=dict)
+
+
+def parse_letter(text: str) -> str | None:
+    """The first standalone option letter A-D in a generated answer, as a-d."""
+    match = _LETTER.search(text.strip())
+    return match.group(1).lower() if match else None
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _model_device(model):
+    return next(p for p in model.parameters()).device
+
+
+@torch.inference_mode()
+def score_batch(model, batch: dict, letter_ids: list[int]) -> torch.Tensor:
+    """Probabilities over A-D for each row of a left-padded batch: shape (rows, 4)."""
+    logits = model(**_to_device(batch, _model_device(model)), logits_to_keep=1).logits[:, -1]
+    return torch.softmax(logits[:, letter_ids].float(), dim=-1).cpu()
+
+
+@torch.inference_mode()
+def generate_batch(model, processor, batch: dict, max_new_tokens: int) -> list[str]:
+    batch = _to_device(batch, _model_device(model))
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    new_tokens = out[:, batch["input_ids"].shape[1]:]
+    return processor.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def length_order(rows: list[dict], processor) -> list[int]:
+    """Row indices sorted by prompt length (longest first), so a batch holds similar lengths."""
+    tokenizer = processor.tokenizer
+    lengths = [len(tokenizer.encode(r["question"] + "".join(r[x] for x in LETTERS)))
+               for r in rows]
+    return sorted(range(len(rows)), key=lambda i: -lengths[i])
+
+
+def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_size: int,
+                 mode: str = "score", max_new_tokens: int = 16, blank_images: bool = False,
+                 desc: str = "predict") -> Predictions:
+    """Answers every row exactly once."""
+    collate = VQACollator(processor, Path(data_dir), train=False, blank_images=blank_images)
+    letter_ids = letter_token_ids(processor.tokenizer)
+    order = length_order(rows, processor)
+    result = Predictions()
+    with tqdm(total=len(rows), desc=desc, unit="row", leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = [rows[i] for i in order[start:start + batch_size]]
+            batch = collate(chunk)
+            if mode == "generate":
+                texts = generate_batch(model, processor, batch, max_new_tokens)
+                need_scores = []
+                for row, text in zip(chunk, texts):
+                    result.raw_outputs[row["id"]] = text
+                    letter = parse_letter(text)
+                    if letter is None:
+                        need_scores.append(row)
+                    else:
+                        result.answers[row["id"]] = letter
+                if need_scores:
+                    result.unparsed += [r["id"] for r in need_scores]
+                    probs = score_batch(model, collate(need_scores), letter_ids)
+                    for row, p in zip(need_scores, probs):
+                        result.answers[row["id"]] = LETTERS[int(p.argmax())]
+            else:
+                probs = score_batch(model, batch, letter_ids)
+                for row, p in zip(chunk, probs):
+                    result.answers[row["id"]] = LETTERS[int(p.argmax())]
+                    result.letter_probs[row["id"]] = [round(float(x), 5) for x in p]
+            bar.update(len(chunk))
+    missing = [r["id"] for r in rows if r["id"] not in result.answers]
+    if missing:  # a bug, never a data problem
+        raise RuntimeError(f"{len(missing)} row(s) left unanswered, first {missing[0]}")
+    return result
+
+
+def accuracy_by(rows: list[dict], answers: dict[str, str], key: str) -> dict[str, dict]:
+    """Accuracy and counts grouped by `key` (e.g. 'answer' for per-letter, 'family')."""
+    groups: dict[str, list[bool]] = {}
+    for row in rows:
+        groups.setdefault(str(row[key]), []).append(answers[row["id"]] == row["answer"])
+    return {k: {"accuracy": sum(v) / len(v), "rows": len(v)} for k, v in sorted(groups.items())}
+
+
+def accuracy(rows: list[dict], answers: dict[str, str]) -> float:
+    return sum(answers[r["id"]] == r["answer"] for r in rows) / max(1, len(rows))
+
+
+__all__ = ["Predictions", "predict_rows", "parse_letter", "accuracy", "accuracy_by",
+           "OPTION_LABELS"]
