@@ -2,8 +2,16 @@ import pandas as pd
 import pytest
 import torch
 
-from vqa.data import (DataError, VQACollator, build_messages, prompt_text, read_table,
-                      resolve_image, stratified_sample, stratified_split)
+from vqa.data import (
+    DataError,
+    VQACollator,
+    build_messages,
+    prompt_text,
+    read_table,
+    resolve_image,
+    stratified_sample,
+    stratified_split,
+)
 
 
 def _rows(n, answers="abcd"):

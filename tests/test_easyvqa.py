@@ -2,8 +2,16 @@ import random
 
 import pandas as pd
 
-from vqa.easyvqa import (COLORS, FAMILIES, family_of, load_split, make_options, sample_questions,
-                         to_rows, write_dataset)
+from vqa.easyvqa import (
+    COLORS,
+    FAMILIES,
+    family_of,
+    load_split,
+    make_options,
+    sample_questions,
+    to_rows,
+    write_dataset,
+)
 
 
 def test_options_are_four_distinct_with_same_family_distractors_first():

@@ -4,8 +4,7 @@ import pandas as pd
 import pytest
 
 from vqa.data import DataError
-from vqa.submission import (SubmissionError, submission_order, validate_submission,
-                            write_submission)
+from vqa.submission import SubmissionError, submission_order, validate_submission, write_submission
 
 
 def test_writes_every_id_once_in_order(tmp_path):

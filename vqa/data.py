@@ -6,7 +6,6 @@ is relative to DATA_DIR. An optional sample_submission.csv fixes the submission'
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,12 +162,3 @@ class VQACollator:
         if "mm_token_type_ids" not in batch:
             raise RuntimeError("processor returned no mm_token_type_ids: mRoPE positions need them")
         return dict(batch)
-
-
-def batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def num_batches(n: int, size: int) -> int:
-    return math.ceil(n / size)

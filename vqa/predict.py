@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vqa.data import LETTERS, OPTION_LABELS, VQACollator, letter_token_ids
+from vqa.data import LETTERS, VQACollator, letter_token_ids
 
 _LETTER = re.compile(r"\b([A-Da-d])\b")
 
@@ -115,6 +115,3 @@ def accuracy_by(rows: list[dict], answers: dict[str, str], key: str) -> dict[str
 def accuracy(rows: list[dict], answers: dict[str, str]) -> float:
     return sum(answers[r["id"]] == r["answer"] for r in rows) / max(1, len(rows))
 
-
-__all__ = ["Predictions", "predict_rows", "parse_letter", "accuracy", "accuracy_by",
-           "OPTION_LABELS"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import statistics
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from PIL import Image
 from tqdm import tqdm
@@ -40,7 +39,6 @@ def scan_rows(frame, csv_name: str, config: Config, processor) -> tuple[list[int
     max_pixels = size.get("longest_edge") or image_processor.max_pixels
     patch = image_processor.patch_size
     merge = image_processor.merge_size
-    template_tokens = None
     lengths, problems = [], []
     for n, row in enumerate(tqdm(frame.to_dict("records"), desc=f"scan {csv_name}", unit="row",
                                  leave=False)):
@@ -63,8 +61,6 @@ def scan_rows(frame, csv_name: str, config: Config, processor) -> tuple[list[int
             continue
         text = processor.apply_chat_template(build_messages(row), tokenize=False,
                                              add_generation_prompt=True)
-        if template_tokens is None:
-            template_tokens = 0
         text_tokens = len(processor.tokenizer.encode(text, add_special_tokens=False))
         # The template holds one <|image_pad|>; the processor expands it to `tokens`; +2 answer.
         length = text_tokens - 1 + tokens + 2

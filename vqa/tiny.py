@@ -29,12 +29,11 @@ QWEN_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-# Qwen2-VL's chat template for images and text (default system prompt included), without the
-# video and tool branches the embedded default never uses.
+# Qwen2-VL's chat template for images and text, without the video and tool branches the embedded
+# default never uses, and without Qwen's default system prompt: 12 tokens a row the tiny model
+# does not need (a system message in `messages` is still rendered).
 QWEN_VL_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
     "{% else %}{% for content in message['content'] %}"
@@ -45,14 +44,16 @@ QWEN_VL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# The tiny architecture. head_dim = 256 / 4 = 64, so mrope_section must sum to 32.
-TINY_TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, mrope_section=[8, 12, 12],
-                 rope_theta=1_000_000.0)
+# The tiny architecture. head_dim = 128 / 4 = 32, so mrope_section must sum to 16. rope_theta is
+# 1e4, not Qwen's 1e6: with 16 rotary frequencies and sequences of ~60 tokens, 1e6 leaves too
+# little positional resolution to find the option lines (docs/EMBEDDED_DEFAULT.md).
+TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, mrope_section=[4, 6, 6],
+                 rope_theta=10_000.0)
 TINY_VISION = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4,
                    fullatt_block_indexes=[1])
-# 64x64 easy-vqa images become 112x112 = 16 visual tokens (64 patches) at this min_pixels.
-TINY_MIN_PIXELS = 112 * 112
+# Qwen's own min_pixels: a 64x64 easy-vqa image becomes 56x56 = 4 visual tokens (16 patches).
+TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 448 * 448
 
 

@@ -23,8 +23,14 @@ import numpy as np
 import torch
 
 from vqa.config import Config
-from vqa.data import (LETTERS, VQACollator, letter_token_ids, read_table, stratified_sample,
-                      stratified_split)
+from vqa.data import (
+    LETTERS,
+    VQACollator,
+    letter_token_ids,
+    read_table,
+    stratified_sample,
+    stratified_split,
+)
 from vqa.io import write_json_atomic
 from vqa.model import attach_lora, device_and_dtype, load_model, load_processor
 
