@@ -37,6 +37,8 @@ def test_rows_have_balanced_letters_and_the_contract_columns():
 def test_subset_keeps_family_shares():
     questions = load_split("train")
     picked = sample_questions(questions, 1000, seed=0)
+    assert len(picked) == 1000 and len({id(q) for q in picked}) == 1000
+    assert all(len(sample_questions(questions, n, seed=1)) == n for n in (1, 47, 48, 999))
     shares = pd.Series([family_of(q.answer) for q in picked]).value_counts(normalize=True)
     assert abs(shares["yes/no"] - 0.737) < 0.02
 

@@ -150,7 +150,9 @@ class VQACollator:
             if self.train:
                 text += OPTION_LABELS[LETTERS.index(row["answer"])] + "<|im_end|>"
             texts.append(text)
-            image = row.get("image") or load_image(resolve_image(self.data_dir, row["path"]))
+            image = row.get("image")  # rows may carry a decoded image (the base's pretraining)
+            if image is None:
+                image = load_image(resolve_image(self.data_dir, row["path"]))
             images.append(blank_like(image) if self.blank_images else image)
         batch = self.processor(text=texts, images=images, padding=True, padding_side="left",
                                return_tensors="pt")

@@ -79,12 +79,19 @@ def sample_questions(questions: list[Question], rows: int, seed: int) -> list[Qu
     by_family: dict[str, list[Question]] = {}
     for q in questions:
         by_family.setdefault(family_of(q.answer), []).append(q)
+    # Largest-remainder shares, so the subset has exactly `rows` questions.
+    families = sorted(by_family)
+    exact = {f: rows * len(by_family[f]) / len(questions) for f in families}
+    shares = {f: int(exact[f]) for f in families}
+    for f in sorted(families, key=lambda f: exact[f] - shares[f], reverse=True):
+        if sum(shares.values()) == rows:
+            break
+        shares[f] += 1
     picked: list[Question] = []
-    for name, members in sorted(by_family.items()):
-        share = round(rows * len(members) / len(questions))
-        picked += rng.sample(members, min(share, len(members)))
+    for f in families:
+        picked += rng.sample(by_family[f], shares[f])
     rng.shuffle(picked)
-    return picked[:rows]
+    return picked
 
 
 def to_rows(questions: list[Question], prefix: str, seed: int) -> pd.DataFrame:
