@@ -197,7 +197,7 @@ def train(config: Config, per_device_batch: int) -> dict:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "device": device,
-        "quantized_4bit": getattr(model, "is_loaded_in_4bit", False),
+        "quantized_4bit": any(type(m).__name__ == "Linear4bit" for m in model.modules()),
         "log_history": history,
     }
     write_json_atomic(artifacts / "train_metrics.json", metrics)
