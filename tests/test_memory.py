@@ -45,3 +45,5 @@ def test_plan_respects_user_settings_and_keeps_the_effective_batch():
     assert any("set by the user" in r for r in plan.reasons)
     auto = plan_batch_sizes(load_config([], environ={}))
     assert auto.per_device_batch * auto.gradient_accumulation == 16
+    odd = plan_batch_sizes(load_config(["EFFECTIVE_BATCH_SIZE=24"], environ={}))
+    assert odd.per_device_batch * odd.gradient_accumulation == 24

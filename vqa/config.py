@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -164,6 +163,3 @@ def load_config(argv: list[str] | None = None, environ: dict | None = None) -> C
     _check(config)
     return config
 
-
-def read_saved_config(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -128,29 +128,31 @@ class Plan:
     reasons: list[str]
 
 
+def _pick(knob: str, user_value: int | None, default: int, why: str,
+          reasons: list[str]) -> int:
+    if user_value:
+        reasons.append(f"{knob}={user_value} set by the user")
+        return user_value
+    reasons.append(f"{knob}={default}: {why}")
+    return default
+
+
 def plan_batch_sizes(config: Config, machine: Machine | None = None) -> Plan:
     """Batch sizes for train and predict: the user's when set, else a choice with its reason."""
     import torch
 
-    reasons = []
-    on_gpu = torch.cuda.is_available()
-    if config.per_device_batch:
-        per_device = config.per_device_batch
-        reasons.append(f"PER_DEVICE_BATCH={per_device} set by the user")
-    elif on_gpu:
-        per_device = 2
-        reasons.append("PER_DEVICE_BATCH=2: the reference micro-batch on a GPU")
+    reasons: list[str] = []
+    effective = config.effective_batch_size
+    if torch.cuda.is_available():
+        per_device = _pick("PER_DEVICE_BATCH", config.per_device_batch, min(2, effective),
+                           "the reference micro-batch on a GPU", reasons)
+        pred = _pick("PRED_BATCH_SIZE", config.pred_batch_size, 8,
+                     "a conservative GPU batch for one-pass scoring", reasons)
     else:
-        per_device = min(config.effective_batch_size, 16)
-        reasons.append(f"PER_DEVICE_BATCH={per_device}: CPU run, RAM is no constraint for it")
-    if config.pred_batch_size:
-        pred = config.pred_batch_size
-        reasons.append(f"PRED_BATCH_SIZE={pred} set by the user")
-    elif on_gpu:
-        pred = 8
-        reasons.append("PRED_BATCH_SIZE=8: a conservative GPU batch for one-pass scoring")
-    else:
-        pred = 32
-        reasons.append("PRED_BATCH_SIZE=32: CPU run")
-    accumulation = max(1, math.ceil(config.effective_batch_size / per_device))
+        # The largest divisor of the effective batch up to 16, so accumulation keeps it exact.
+        cpu_batch = max(d for d in range(1, min(effective, 16) + 1) if effective % d == 0)
+        per_device = _pick("PER_DEVICE_BATCH", config.per_device_batch, cpu_batch,
+                           "CPU run, RAM is no constraint for it", reasons)
+        pred = _pick("PRED_BATCH_SIZE", config.pred_batch_size, 32, "CPU run", reasons)
+    accumulation = max(1, math.ceil(effective / per_device))
     return Plan(per_device, accumulation, pred, reasons)

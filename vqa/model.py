@@ -3,14 +3,11 @@ embedded tiny model and `Qwen/Qwen2.5-VL-7B-Instruct`."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
 from vqa.config import Config
-
-log = logging.getLogger("vqa")
 
 
 class ModelError(RuntimeError):
