@@ -114,3 +114,43 @@ def test_scripts_run_from_the_command_line(run_dir):
                              capture_output=True, text=True, timeout=600)
     assert missing.returncode == 2
     assert "nowhere/test.csv: file not found" in missing.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_submit_killed_mid_run_resumes_without_loss_or_duplicates(run_dir, tmp_path):
+    """SIGKILL a running `submit`, rerun it: every test id once, finished rows not redone."""
+    import signal
+    import time
+
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    for name in ("base-model", "lora_adapter"):
+        shutil.copytree(run_dir / name, artifacts / name)
+    args = [sys.executable, "scripts/submit.py", f"ARTIFACTS_DIR={artifacts}",
+            f"DATA_DIR={run_dir / 'data'}", "PRED_BATCH_SIZE=4"]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    journal = artifacts / "predictions.journal.jsonl"
+
+    slow = subprocess.Popen(args, cwd=ROOT, env={**env, "VQA_FAULT_SLEEP_PER_BATCH": "0.5"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait for a few finished batches, then kill
+        if journal.is_file() and len(journal.read_text().splitlines()) > 1 + 8:
+            break
+        time.sleep(0.05)
+    slow.send_signal(signal.SIGKILL)
+    slow.wait()
+    journalled = len(journal.read_text().splitlines()) - 1
+    assert 8 < journalled < 48, "the kill should land mid-run"
+    assert not (artifacts / "submission.csv").exists()
+
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming: {journalled} of 48 test rows already predicted" in done.stderr
+    submission = pd.read_csv(artifacts / "submission.csv", dtype=str)
+    test = pd.read_csv(run_dir / "data" / "test.csv", dtype=str)
+    assert sorted(submission["id"]) == sorted(test["id"]) and submission["id"].is_unique
+    ids = [json.loads(line)["id"] for line in journal.read_text().splitlines()[1:]]
+    assert len(ids) == len(set(ids)) == 48  # nothing predicted twice
+    report = json.loads((artifacts / "submit_report.json").read_text())
+    assert report["resumed_rows"] == journalled

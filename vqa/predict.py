@@ -8,9 +8,12 @@ and counted. Batches are left-padded and sorted by length so padding stays small
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -18,6 +21,7 @@ from tqdm import tqdm
 from vqa.data import LETTERS, VQACollator, letter_token_ids
 
 _LETTER = re.compile(r"\b([A-Da-d])\b")
+_FAULT_SLEEP = float(os.environ.get("VQA_FAULT_SLEEP_PER_BATCH", "0") or 0)
 
 
 @dataclass
@@ -67,8 +71,9 @@ def length_order(rows: list[dict], processor) -> list[int]:
 
 def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_size: int,
                  mode: str = "score", max_new_tokens: int = 16, blank_images: bool = False,
-                 desc: str = "predict") -> Predictions:
-    """Answers every row exactly once."""
+                 desc: str = "predict",
+                 on_batch: Callable[[dict[str, str]], None] | None = None) -> Predictions:
+    """Answers every row exactly once; `on_batch` receives each finished batch's answers."""
     collate = VQACollator(processor, Path(data_dir), train=False, blank_images=blank_images)
     letter_ids = letter_token_ids(processor.tokenizer)
     order = length_order(rows, processor)
@@ -97,6 +102,10 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
                 for row, p in zip(chunk, probs):
                     result.answers[row["id"]] = LETTERS[int(p.argmax())]
                     result.letter_probs[row["id"]] = [round(float(x), 5) for x in p]
+            if on_batch is not None:
+                on_batch({row["id"]: result.answers[row["id"]] for row in chunk})
+            if _FAULT_SLEEP:  # fault injection for tests: a slow batch leaves time to kill
+                time.sleep(_FAULT_SLEEP)
             bar.update(len(chunk))
     missing = [r["id"] for r in rows if r["id"] not in result.answers]
     if missing:  # a bug, never a data problem

@@ -7,12 +7,28 @@ import logging
 from vqa.config import Config
 from vqa.data import read_table
 from vqa.io import write_json_atomic
+from vqa.journal import PredictionJournal, file_fingerprint
 from vqa.memory import plan_batch_sizes
 from vqa.model import load_for_inference, load_processor
 from vqa.predict import predict_rows
 from vqa.submission import submission_order, write_submission
 
 log = logging.getLogger("vqa")
+
+
+def run_signature(config: Config) -> dict:
+    """What the journalled answers depend on: a change to any of it starts a fresh journal."""
+    adapter = config.artifacts_dir / "lora_adapter"
+    return {
+        "model_id": config.resolved_model_id,
+        "adapter": file_fingerprint(adapter / "adapter_model.safetensors"),
+        "test_csv": file_fingerprint(config.data_dir / "test.csv"),
+        "infer_mode": config.infer_mode,
+        "max_new_tokens": config.max_new_tokens,
+        "quant": config.quant,
+        "min_pixels": config.min_pixels,
+        "max_pixels": config.max_pixels,
+    }
 
 
 def submit(config: Config) -> dict:
@@ -23,17 +39,26 @@ def submit(config: Config) -> dict:
     log.info("predicting %d test rows with %s, INFER_MODE=%s", len(test), source,
              config.infer_mode)
     batch = plan_batch_sizes(config).pred_batch_size
-    result = predict_rows(model, processor, test.to_dict("records"), config.data_dir,
-                          batch_size=batch, mode=config.infer_mode,
-                          max_new_tokens=config.max_new_tokens, desc="submit")
+    journal = PredictionJournal(config.artifacts_dir / "predictions.journal.jsonl",
+                                run_signature(config))
+    done = journal.load()
+    rows = [r for r in test.to_dict("records") if r["id"] not in done]
+    if done:
+        log.info("resuming: %d of %d test rows already predicted (%s)", len(test) - len(rows),
+                 len(test), journal.path)
+    result = predict_rows(model, processor, rows, config.data_dir, batch_size=batch,
+                          mode=config.infer_mode, max_new_tokens=config.max_new_tokens,
+                          desc="submit", on_batch=journal.append)
+    answers = {**done, **result.answers}  # the signature pins test.csv: done ids are test ids
     path = config.artifacts_dir / "submission.csv"
-    frame = write_submission(path, result.answers, order)
+    frame = write_submission(path, answers, order)
     report = {
         "model": source,
         "infer_mode": config.infer_mode,
         "rows": len(frame),
         "answer_counts": frame["answer"].value_counts().sort_index().to_dict(),
         "pred_batch_size": batch,
+        "resumed_rows": len(test) - len(rows),
         "unparsed_generations_resolved_by_scoring": len(result.unparsed),
         "unparsed_ids": result.unparsed[:50],
         "submission": str(path),

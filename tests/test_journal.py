@@ -1,0 +1,38 @@
+import json
+
+from vqa.journal import PredictionJournal, file_fingerprint
+
+
+def test_journal_resumes_and_cuts_a_torn_line(tmp_path):
+    path = tmp_path / "predictions.journal.jsonl"
+    journal = PredictionJournal(path, {"model": "m", "test": "t1"})
+    assert journal.load() == {}
+    journal.append({"1": "a", "2": "b"})
+    with open(path, "a") as handle:  # a kill in the middle of a write
+        handle.write('{"id": "3", "ans')
+    again = PredictionJournal(path, {"model": "m", "test": "t1"})
+    assert again.load() == {"1": "a", "2": "b"}
+    again.append({"3": "c"})
+    lines = path.read_text().splitlines()
+    assert [json.loads(line) for line in lines[1:]] == [
+        {"id": "1", "answer": "a"}, {"id": "2", "answer": "b"}, {"id": "3", "answer": "c"}]
+
+
+def test_journal_of_another_run_is_set_aside(tmp_path):
+    path = tmp_path / "predictions.journal.jsonl"
+    first = PredictionJournal(path, {"adapter": "x"})
+    first.load()
+    first.append({"1": "a"})
+    second = PredictionJournal(path, {"adapter": "y"})
+    assert second.load() == {}
+    assert (tmp_path / "predictions.journal.jsonl.stale").is_file()
+    assert PredictionJournal(path, {"adapter": "y"}).load() == {}
+
+
+def test_fingerprint_follows_content(tmp_path):
+    path = tmp_path / "f"
+    assert file_fingerprint(path) is None
+    path.write_text("a")
+    first = file_fingerprint(path)
+    path.write_text("b")
+    assert file_fingerprint(path) != first

@@ -1,0 +1,80 @@
+"""The prediction journal: what `make submit` has already answered, safe against a kill.
+
+One JSON line per answered row, appended after every batch, flushed and fsynced. The first line
+is a header with the run's signature (model, adapter, test.csv, inference settings): a journal
+from another signature is set aside, never mixed in. A line torn by a kill mid-write is cut off
+when the journal is reopened, so a rerun resumes from the last whole line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("vqa")
+
+
+def file_fingerprint(path: Path) -> str | None:
+    """sha256 of a file's bytes, or None when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class PredictionJournal:
+    def __init__(self, path: Path, signature: dict):
+        self.path = Path(path)
+        self.signature = signature
+
+    def load(self) -> dict[str, str]:
+        """Answers already journalled for this signature; starts a new journal otherwise."""
+        if not self.path.is_file():
+            self._start()
+            return {}
+        data = self.path.read_bytes()
+        whole = data[:data.rfind(b"\n") + 1]  # drop a line torn by a kill
+        lines = whole.decode("utf-8").splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else {}
+        except json.JSONDecodeError:
+            header = {}
+        if header.get("signature") != self.signature:
+            stale = self.path.with_suffix(self.path.suffix + ".stale")
+            os.replace(self.path, stale)
+            log.info("prediction journal %s belongs to another run: moved to %s", self.path, stale)
+            self._start()
+            return {}
+        if len(whole) != len(data):
+            with open(self.path, "r+b") as handle:
+                handle.truncate(len(whole))
+                os.fsync(handle.fileno())
+        answers = {}
+        for line in lines[1:]:
+            entry = json.loads(line)
+            answers[entry["id"]] = entry["answer"]
+        return answers
+
+    def append(self, answers: dict[str, str]) -> None:
+        if not answers:
+            return
+        text = "".join(json.dumps({"id": i, "answer": a}, ensure_ascii=False) + "\n"
+                       for i, a in answers.items())
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def _start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps({"signature": self.signature}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
