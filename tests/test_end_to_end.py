@@ -154,3 +154,33 @@ def test_submit_killed_mid_run_resumes_without_loss_or_duplicates(run_dir, tmp_p
     assert len(ids) == len(set(ids)) == 48  # nothing predicted twice
     report = json.loads((artifacts / "submit_report.json").read_text())
     assert report["resumed_rows"] == journalled
+
+
+@pytest.mark.slow
+def test_predict_backs_off_on_out_of_memory_and_skips_nothing(run_dir, monkeypatch):
+    """Injected OutOfMemoryErrors split the batch; the answers equal an undisturbed run."""
+    from transformers import AutoProcessor
+
+    from vqa import predict
+    from vqa.model import load_for_inference
+
+    config = _config(run_dir)
+    processor = AutoProcessor.from_pretrained(run_dir / "base-model")
+    model, _ = load_for_inference(config, run_dir / "lora_adapter")
+    rows = pd.read_csv(config.data_dir / "test.csv", dtype=str).to_dict("records")
+    clean = predict.predict_rows(model, processor, rows, config.data_dir, batch_size=16)
+
+    monkeypatch.setattr(predict, "_FAULT_OOM_AT", {1, 3})
+    monkeypatch.setattr(predict, "_attempts", 0)
+    hurt = predict.predict_rows(model, processor, rows, config.data_dir, batch_size=16)
+    # Attempt 1 (16 rows) fails -> 8 + 8; attempt 3 (the second 8) fails -> 4 + 4; the rest of
+    # the run keeps batch 4.
+    assert hurt.oom_splits == [16, 8]
+    assert hurt.answers.keys() == clean.answers.keys() == {r["id"] for r in rows}
+    same = sum(hurt.answers[i] == clean.answers[i] for i in clean.answers)
+    assert same >= len(rows) - 1  # padding differs between batch sizes; a near-tie may flip
+
+    monkeypatch.setattr(predict, "_FAULT_OOM_AT", {1, 2})
+    monkeypatch.setattr(predict, "_attempts", 0)
+    with pytest.raises(predict.PredictOutOfMemory, match="does not fit in GPU memory even alone"):
+        predict.predict_rows(model, processor, rows[:1], config.data_dir, batch_size=1)

@@ -15,9 +15,11 @@ log = logging.getLogger("vqa")
 def _user_errors() -> tuple[type[Exception], ...]:
     from vqa.data import DataError
     from vqa.model import ModelError
+    from vqa.predict import PredictOutOfMemory
     from vqa.submission import SubmissionError
 
-    return (ConfigError, DataError, ModelError, SubmissionError, FileNotFoundError)
+    return (ConfigError, DataError, ModelError, PredictOutOfMemory, SubmissionError,
+            FileNotFoundError)
 
 
 def run_stage(name: str, stage: Callable[[Config], int | None], argv: list[str] | None = None) -> int:

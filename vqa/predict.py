@@ -8,6 +8,7 @@ and counted. Batches are left-padded and sorted by length so padding stays small
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -20,6 +21,8 @@ from tqdm import tqdm
 
 from vqa.data import LETTERS, VQACollator, letter_token_ids
 
+log = logging.getLogger("vqa")
+
 _LETTER = re.compile(r"\b([A-Da-d])\b")
 _FAULT_SLEEP = float(os.environ.get("VQA_FAULT_SLEEP_PER_BATCH", "0") or 0)
 
@@ -30,6 +33,7 @@ class Predictions:
     letter_probs: dict[str, list[float]] = field(default_factory=dict)  # score mode
     unparsed: list[str] = field(default_factory=list)  # generate mode: ids resolved by scoring
     raw_outputs: dict[str, str] = field(default_factory=dict)
+    oom_splits: list[int] = field(default_factory=list)  # batch sizes that ran out of memory
 
 
 def parse_letter(text: str) -> str | None:
@@ -69,44 +73,96 @@ def length_order(rows: list[dict], processor) -> list[int]:
     return sorted(range(len(rows)), key=lambda i: -lengths[i])
 
 
+class PredictOutOfMemory(RuntimeError):
+    """One row alone does not fit: the message names it and the remedy."""
+
+
+_FAULT_OOM_AT = {int(x) for x in os.environ.get("VQA_FAULT_OOM_AT", "").split(",") if x.strip()}
+_attempts = 0
+
+
+def _inject_faults() -> None:
+    """VQA_FAULT_OOM_AT=2,5 raises a real OutOfMemoryError at those forward attempts (tests)."""
+    global _attempts
+    _attempts += 1
+    if _attempts in _FAULT_OOM_AT:
+        raise torch.cuda.OutOfMemoryError(f"injected by VQA_FAULT_OOM_AT at attempt {_attempts}")
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_size: int,
                  mode: str = "score", max_new_tokens: int = 16, blank_images: bool = False,
                  desc: str = "predict",
                  on_batch: Callable[[dict[str, str]], None] | None = None) -> Predictions:
-    """Answers every row exactly once; `on_batch` receives each finished batch's answers."""
+    """Answers every row exactly once; `on_batch` receives each finished batch's answers.
+
+    A batch that runs out of GPU memory is split in two and retried, down to one row; later
+    batches (shorter: rows run longest first) keep the smaller size. Nothing is skipped.
+    """
     collate = VQACollator(processor, Path(data_dir), train=False, blank_images=blank_images)
     letter_ids = letter_token_ids(processor.tokenizer)
     order = length_order(rows, processor)
     result = Predictions()
-    with tqdm(total=len(rows), desc=desc, unit="row", leave=False) as bar:
-        for start in range(0, len(order), batch_size):
-            chunk = [rows[i] for i in order[start:start + batch_size]]
-            batch = collate(chunk)
-            if mode == "generate":
-                texts = generate_batch(model, processor, batch, max_new_tokens)
-                need_scores = []
-                for row, text in zip(chunk, texts):
-                    result.raw_outputs[row["id"]] = text
-                    letter = parse_letter(text)
-                    if letter is None:
-                        need_scores.append(row)
-                    else:
-                        result.answers[row["id"]] = letter
-                if need_scores:
-                    result.unparsed += [r["id"] for r in need_scores]
-                    probs = score_batch(model, collate(need_scores), letter_ids)
-                    for row, p in zip(need_scores, probs):
-                        result.answers[row["id"]] = LETTERS[int(p.argmax())]
-            else:
-                probs = score_batch(model, batch, letter_ids)
-                for row, p in zip(chunk, probs):
+
+    def answer(chunk: list[dict]) -> None:
+        _inject_faults()
+        batch = collate(chunk)
+        if mode == "generate":
+            texts = generate_batch(model, processor, batch, max_new_tokens)
+            need_scores = []
+            for row, text in zip(chunk, texts):
+                result.raw_outputs[row["id"]] = text
+                letter = parse_letter(text)
+                if letter is None:
+                    need_scores.append(row)
+                else:
+                    result.answers[row["id"]] = letter
+            if need_scores:
+                result.unparsed += [r["id"] for r in need_scores]
+                probs = score_batch(model, collate(need_scores), letter_ids)
+                for row, p in zip(need_scores, probs):
                     result.answers[row["id"]] = LETTERS[int(p.argmax())]
-                    result.letter_probs[row["id"]] = [round(float(x), 5) for x in p]
+        else:
+            probs = score_batch(model, batch, letter_ids)
+            for row, p in zip(chunk, probs):
+                result.answers[row["id"]] = LETTERS[int(p.argmax())]
+                result.letter_probs[row["id"]] = [round(float(x), 5) for x in p]
+
+    def answer_with_backoff(chunk: list[dict]) -> int:
+        """Answers `chunk`; returns the largest batch size that worked."""
+        try:
+            answer(chunk)
+            return len(chunk)
+        except torch.cuda.OutOfMemoryError:
+            _free_memory()
+            if len(chunk) == 1:
+                raise PredictOutOfMemory(
+                    f"row id {chunk[0]['id']} ({chunk[0]['path']}) does not fit in GPU memory "
+                    f"even alone; lower MAX_PIXELS or use a larger card") from None
+            half = len(chunk) // 2
+            result.oom_splits.append(len(chunk))
+            log.warning("out of GPU memory at batch %d: retrying as %d + %d", len(chunk), half,
+                        len(chunk) - half)
+            return min(answer_with_backoff(chunk[:half]), answer_with_backoff(chunk[half:]))
+
+    with tqdm(total=len(rows), desc=desc, unit="row", leave=False) as bar:
+        start = 0
+        while start < len(order):
+            chunk = [rows[i] for i in order[start:start + batch_size]]
+            batch_size = min(batch_size, answer_with_backoff(chunk))
             if on_batch is not None:
                 on_batch({row["id"]: result.answers[row["id"]] for row in chunk})
             if _FAULT_SLEEP:  # fault injection for tests: a slow batch leaves time to kill
                 time.sleep(_FAULT_SLEEP)
             bar.update(len(chunk))
+            start += len(chunk)
     missing = [r["id"] for r in rows if r["id"] not in result.answers]
     if missing:  # a bug, never a data problem
         raise RuntimeError(f"{len(missing)} row(s) left unanswered, first {missing[0]}")

@@ -59,6 +59,7 @@ def submit(config: Config) -> dict:
         "answer_counts": frame["answer"].value_counts().sort_index().to_dict(),
         "pred_batch_size": batch,
         "resumed_rows": len(test) - len(rows),
+        "out_of_memory_splits": result.oom_splits,
         "unparsed_generations_resolved_by_scoring": len(result.unparsed),
         "unparsed_ids": result.unparsed[:50],
         "submission": str(path),
