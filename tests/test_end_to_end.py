@@ -17,8 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir):
+    from vqa.easyvqa import write_dataset
+
     artifacts = tmp_path_factory.mktemp("run")
     shutil.copytree(tiny_model_dir, artifacts / "base-model")
+    config = _config(artifacts)
+    write_dataset(config.data_dir, config.data_train_rows, config.data_test_rows, config.seed)
     return artifacts
 
 
@@ -31,13 +35,11 @@ def _config(run_dir, *extra):
 
 @pytest.mark.slow
 def test_train_eval_submit_and_reload(run_dir):
-    from vqa.easyvqa import write_dataset
     from vqa.evaluate import evaluate
     from vqa.submit import submit
     from vqa.train import train
 
     config = _config(run_dir)
-    write_dataset(config.data_dir, config.data_train_rows, config.data_test_rows, config.seed)
 
     metrics = train(config, per_device_batch=8)
     import torch
@@ -124,8 +126,9 @@ def test_submit_killed_mid_run_resumes_without_loss_or_duplicates(run_dir, tmp_p
 
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
-    for name in ("base-model", "lora_adapter"):
-        shutil.copytree(run_dir / name, artifacts / name)
+    for name in ("base-model", "lora_adapter"):  # the adapter exists when the run test ran
+        if (run_dir / name).exists():
+            shutil.copytree(run_dir / name, artifacts / name)
     args = [sys.executable, "scripts/submit.py", f"ARTIFACTS_DIR={artifacts}",
             f"DATA_DIR={run_dir / 'data'}", "PRED_BATCH_SIZE=4"]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -184,3 +187,40 @@ def test_predict_backs_off_on_out_of_memory_and_skips_nothing(run_dir, monkeypat
     monkeypatch.setattr(predict, "_attempts", 0)
     with pytest.raises(predict.PredictOutOfMemory, match="does not fit in GPU memory even alone"):
         predict.predict_rows(model, processor, rows[:1], config.data_dir, batch_size=1)
+
+
+@pytest.mark.slow
+def test_train_killed_mid_run_resumes_and_a_finished_run_is_not_redone(run_dir, tmp_path):
+    import signal
+    import time
+
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    shutil.copytree(run_dir / "base-model", artifacts / "base-model")
+    args = [sys.executable, "scripts/train.py", f"ARTIFACTS_DIR={artifacts}",
+            f"DATA_DIR={run_dir / 'data'}", "EPOCHS=3", "LR=2e-3", "VAL_SAMPLE=16",
+            "PER_DEVICE_BATCH=8", "EARLY_STOPPING_PATIENCE=3"]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    state = artifacts / "checkpoints" / "checkpoint-9" / "trainer_state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not state.is_file() and first.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # let the checkpoint's last files land, then kill inside epoch 2
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert state.is_file() and not (artifacts / "train_metrics.json").exists()
+
+    resumed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    metrics = json.loads((artifacts / "train_metrics.json").read_text())
+    assert metrics["resumed_from"].rsplit("-", 1)[-1] in {"9", "18"}
+    assert metrics["optimizer_steps"] == 27  # 3 epochs x 9 steps, not restarted from zero
+    adapter = artifacts / "lora_adapter" / "adapter_model.safetensors"
+    written = adapter.stat().st_mtime_ns
+
+    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "already trained with these settings" in again.stderr
+    assert adapter.stat().st_mtime_ns == written

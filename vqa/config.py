@@ -41,6 +41,7 @@ class Config:
     val_fraction: float = 0.1
     val_sample: int = 256
     early_stopping_patience: int = 1
+    retrain: int = 0  # 1 = train again even when a finished run with these settings exists
     seed: int = 42
     quant: Literal["4bit", "none"] = "4bit"
     max_sequence_length: int | None = None  # None = no limit; rows above a limit are refused

@@ -14,9 +14,11 @@ Writes lora_adapter/ (peft format), train_metrics.json and train_curve.png to AR
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,11 +116,58 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# Settings that do not change what training produces; any other change means a new run.
+_NOT_TRAINING = {"PRED_BATCH_SIZE", "MAX_NEW_TOKENS", "INFER_MODE", "DATA_TRAIN_ROWS",
+                 "DATA_TEST_ROWS", "BASE_PRETRAIN_STEPS", "NUM_THREADS", "DATALOADER_WORKERS",
+                 "RETRAIN", "ARTIFACTS_DIR", "DATA_DIR"}
+
+
+def train_signature(config: Config, per_device_batch: int) -> dict:
+    """What a training run depends on: settings, train.csv's bytes and the base model."""
+    from vqa.journal import file_fingerprint
+
+    settings = {k: v for k, v in config.to_json().items() if k not in _NOT_TRAINING}
+    return {"settings": {**settings, "PER_DEVICE_BATCH": per_device_batch},
+            "train_csv": file_fingerprint(config.data_dir / "train.csv"),
+            "base_weights": file_fingerprint(Path(config.resolved_model_id) / "model.safetensors")}
+
+
+def _checkpoint_to_resume(checkpoints: Path, signature: dict) -> str | None:
+    """The newest checkpoint of the same run, if any; checkpoints of another run are set aside."""
+    stamp = checkpoints / "train_signature.json"
+    found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if found and stamp.is_file() and json.loads(stamp.read_text()) == signature:
+        return str(found[-1])
+    if checkpoints.exists():
+        stale = checkpoints.with_name(f"checkpoints.stale-{int(time.time())}")
+        checkpoints.rename(stale)
+        log.info("checkpoints in %s belong to another run: moved to %s", checkpoints, stale)
+    checkpoints.mkdir(parents=True)
+    write_json_atomic(stamp, signature)
+    return None
+
+
 def train(config: Config, per_device_batch: int) -> dict:
-    """Fine-tunes LoRA on DATA_DIR/train.csv; returns the metrics written to train_metrics.json."""
+    """Fine-tunes LoRA on DATA_DIR/train.csv; returns the metrics written to train_metrics.json.
+
+    A finished run with the same signature is not trained again (RETRAIN=1 forces it); a run
+    killed midway resumes from its last checkpoint (one per epoch).
+    """
     from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
     artifacts = config.artifacts_dir
+    signature = train_signature(config, per_device_batch)
+    metrics_path = artifacts / "train_metrics.json"
+    if (not config.retrain and metrics_path.is_file()
+            and (artifacts / "lora_adapter" / "adapter_config.json").is_file()):
+        previous = json.loads(metrics_path.read_text())
+        if previous.get("signature") == signature:
+            log.info("already trained with these settings (%s); RETRAIN=1 trains again",
+                     metrics_path)
+            return previous
+    resume = _checkpoint_to_resume(artifacts / "checkpoints", signature)
+    if resume:
+        log.info("resuming from %s", resume)
     train_rows, val_rows = split_rows(config)
     processor = load_processor(config)
     model = attach_lora(load_model(config, for_training=True), config)
@@ -171,7 +220,7 @@ def train(config: Config, per_device_batch: int) -> dict:
         preprocess_logits_for_metrics=preprocess,
         callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)],
     )
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
     best = trainer.evaluate()  # the best checkpoint, reloaded by load_best_model_at_end
 
     adapter_dir = artifacts / "lora_adapter"
@@ -183,6 +232,8 @@ def train(config: Config, per_device_batch: int) -> dict:
 
     history = trainer.state.log_history
     metrics = {
+        "signature": signature,
+        "resumed_from": resume,
         "train_rows": len(train_rows),
         "val_sample_rows": len(val_rows),
         "per_device_batch": per_device_batch,
@@ -200,6 +251,6 @@ def train(config: Config, per_device_batch: int) -> dict:
         "quantized_4bit": any(type(m).__name__ == "Linear4bit" for m in model.modules()),
         "log_history": history,
     }
-    write_json_atomic(artifacts / "train_metrics.json", metrics)
+    write_json_atomic(metrics_path, metrics)
     plot_curves(history, artifacts / "train_curve.png")
     return metrics
