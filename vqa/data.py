@@ -73,10 +73,49 @@ def resolve_image(data_dir: Path, rel: str) -> Path:
     return path
 
 
+# Decode huge photos at a reduced size (JPEG draft mode) so RAM stays flat; Qwen resizes anyway.
+DRAFT_SIZE = (3584, 3584)
+
+
 def load_image(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()
-        return image.convert("RGB")
+    """An RGB image: EXIF orientation applied, transparency over white, 16-bit scaled to 8.
+
+    PIL's decompression-bomb guard stays on. Any unreadable file raises DataError naming it.
+    """
+    from PIL import ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", DRAFT_SIZE)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_rgb(image)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise DataError(f"{path}: unreadable image ({exc})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        import numpy as np
+
+        pixels = np.asarray(image, dtype=np.float64)
+        top = pixels.max() or 1.0
+        image = Image.fromarray((pixels / top * 255).astype("uint8"), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    return image.convert("RGB")
 
 
 def blank_like(image: Image.Image) -> Image.Image:
