@@ -30,9 +30,10 @@ from tqdm import tqdm
 
 from vqa import tiny
 from vqa.config import Config
-from vqa.data import LETTERS, VQACollator, letter_token_ids, load_image, prompt_text
+from vqa.data import VQACollator, load_image, prompt_text
 from vqa.easyvqa import COLORS, SHAPES, pretraining_questions, to_rows
 from vqa.io import write_json_atomic
+from vqa.predict import accuracy, accuracy_by, predict_rows
 
 log = logging.getLogger("vqa")
 
@@ -139,20 +140,15 @@ def pretrain_language(model, processor, pools: dict[str, list[dict]], steps: int
     return losses
 
 
-@torch.inference_mode()
 def multiple_choice_accuracy(model, processor, rows: list[dict], blank: bool = False) -> dict:
-    collate = VQACollator(processor, Path("."), train=False, blank_images=blank)
-    letter_ids = letter_token_ids(processor.tokenizer)
-    hits: dict[str, list[bool]] = {}
+    """Held-out accuracy per family with the predict stage's own scoring."""
     model.eval()
-    for start in range(0, len(rows), 64):
-        chunk = rows[start:start + 64]
-        logits = model(**collate(chunk), logits_to_keep=1).logits[:, -1, letter_ids]
-        for row, choice in zip(chunk, logits.argmax(-1).tolist()):
-            hits.setdefault(row["family"], []).append(LETTERS[choice] == row["answer"])
+    answers = predict_rows(model, processor, rows, Path("."), batch_size=64,
+                           blank_images=blank, desc="check base").answers
     model.train()
-    out = {family: round(sum(v) / len(v), 3) for family, v in sorted(hits.items())}
-    out["all"] = round(sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values()), 3)
+    out = {family: round(v["accuracy"], 3)
+           for family, v in accuracy_by(rows, answers, "family").items()}
+    out["all"] = round(accuracy(rows, answers), 3)
     return out
 
 
