@@ -26,7 +26,7 @@ RUN apt-get update \
 RUN useradd --create-home --uid 1000 vqa \
  && mkdir -p /app /artifacts /data /cache/huggingface \
  && chown -R vqa:vqa /app /artifacts /data /cache
-USER vqa
+USER 1000:1000
 WORKDIR /app
 
 # Exactly the lock, nothing else: the venv layer is rebuilt only when the lock changes.
