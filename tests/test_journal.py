@@ -1,6 +1,7 @@
 import json
 
-from vqa.journal import PredictionJournal, file_fingerprint
+from vqa.io import file_fingerprint
+from vqa.journal import PredictionJournal
 
 
 def test_journal_resumes_and_cuts_a_torn_line(tmp_path):

@@ -1,7 +1,9 @@
-"""Artifact writing that a crash or kill cannot corrupt: write a temporary file, fsync, rename."""
+"""Artifact I/O that a crash or kill cannot corrupt (temporary file, fsync, rename), and content
+fingerprints that tell one run's inputs from another's."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -37,3 +39,15 @@ def save_figure_atomic(figure, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     write_bytes_atomic(path, buffer.getvalue())
+
+
+def file_fingerprint(path: Path) -> str | None:
+    """sha256 of a file's bytes, or None when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -8,25 +8,12 @@ when the journal is reopened, so a rerun resumes from the last whole line.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 
 log = logging.getLogger("vqa")
-
-
-def file_fingerprint(path: Path) -> str | None:
-    """sha256 of a file's bytes, or None when it does not exist."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class PredictionJournal:

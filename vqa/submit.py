@@ -6,8 +6,8 @@ import logging
 
 from vqa.config import Config
 from vqa.data import read_table
-from vqa.io import write_json_atomic
-from vqa.journal import PredictionJournal, file_fingerprint
+from vqa.io import file_fingerprint, write_json_atomic
+from vqa.journal import PredictionJournal
 from vqa.memory import plan_batch_sizes
 from vqa.model import load_for_inference, load_processor
 from vqa.predict import predict_rows

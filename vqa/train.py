@@ -124,7 +124,7 @@ _NOT_TRAINING = {"PRED_BATCH_SIZE", "MAX_NEW_TOKENS", "INFER_MODE", "DATA_TRAIN_
 
 def train_signature(config: Config, per_device_batch: int) -> dict:
     """What a training run depends on: settings, train.csv's bytes and the base model."""
-    from vqa.journal import file_fingerprint
+    from vqa.io import file_fingerprint
 
     settings = {k: v for k, v in config.to_json().items() if k not in _NOT_TRAINING}
     return {"settings": {**settings, "PER_DEVICE_BATCH": per_device_batch},
