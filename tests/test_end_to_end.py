@@ -166,6 +166,7 @@ def test_predict_backs_off_on_out_of_memory_and_skips_nothing(run_dir, monkeypat
 
     from vqa import predict
     from vqa.model import load_for_inference
+    from vqa.oom import FaultInjector
 
     config = _config(run_dir)
     processor = AutoProcessor.from_pretrained(run_dir / "base-model")
@@ -173,8 +174,7 @@ def test_predict_backs_off_on_out_of_memory_and_skips_nothing(run_dir, monkeypat
     rows = pd.read_csv(config.data_dir / "test.csv", dtype=str).to_dict("records")
     clean = predict.predict_rows(model, processor, rows, config.data_dir, batch_size=16)
 
-    monkeypatch.setattr(predict, "_FAULT_OOM_AT", {1, 3})
-    monkeypatch.setattr(predict, "_attempts", 0)
+    monkeypatch.setattr(predict, "FAULTS", FaultInjector(oom_at={1, 3}))
     hurt = predict.predict_rows(model, processor, rows, config.data_dir, batch_size=16)
     # Attempt 1 (16 rows) fails -> 8 + 8; attempt 3 (the second 8) fails -> 4 + 4; the rest of
     # the run keeps batch 4.
@@ -183,8 +183,7 @@ def test_predict_backs_off_on_out_of_memory_and_skips_nothing(run_dir, monkeypat
     same = sum(hurt.answers[i] == clean.answers[i] for i in clean.answers)
     assert same >= len(rows) - 1  # padding differs between batch sizes; a near-tie may flip
 
-    monkeypatch.setattr(predict, "_FAULT_OOM_AT", {1, 2})
-    monkeypatch.setattr(predict, "_attempts", 0)
+    monkeypatch.setattr(predict, "FAULTS", FaultInjector(oom_at={1, 2}))
     with pytest.raises(predict.PredictOutOfMemory, match="does not fit in GPU memory even alone"):
         predict.predict_rows(model, processor, rows[:1], config.data_dir, batch_size=1)
 
@@ -224,3 +223,80 @@ def test_train_killed_mid_run_resumes_and_a_finished_run_is_not_redone(run_dir, 
     again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "already trained with these settings" in again.stderr
     assert adapter.stat().st_mtime_ns == written
+
+
+def _adapter_weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "lora_adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_train_backs_off_on_out_of_memory_with_the_same_effective_batch(run_dir, tmp_path,
+                                                                        monkeypatch):
+    """Injected OOMs split micro-batches; the optimizer sees the same rows: same adapter."""
+    from vqa.train import train
+
+    def run(name: str, **faults: str) -> tuple[dict, dict]:
+        artifacts = tmp_path / name
+        artifacts.mkdir()
+        shutil.copytree(run_dir / "base-model", artifacts / "base-model")
+        for key in ("VQA_FAULT_OOM_AT", "VQA_FAULT_OOM_ROWS_ABOVE"):
+            monkeypatch.setenv(key, faults.get(key, ""))
+        config = load_config([f"ARTIFACTS_DIR={artifacts}", f"DATA_DIR={run_dir / 'data'}",
+                              "EPOCHS=1", "LR=2e-3", "VAL_SAMPLE=16", "LORA_DROPOUT=0",
+                              "EFFECTIVE_BATCH_SIZE=8"], environ={})
+        return train(config, per_device_batch=4), _adapter_weights(artifacts)
+
+    clean, clean_weights = run("clean")
+    assert clean["out_of_memory_splits"] == []
+    # Attempt 2 is the second micro-batch of the first optimizer step: the first is replayed.
+    once, once_weights = run("once", VQA_FAULT_OOM_AT="2")
+    capped, capped_weights = run("capped", VQA_FAULT_OOM_ROWS_ABOVE="1")
+
+    assert [e["now_rows_per_piece"] for e in once["out_of_memory_splits"]] == [2]
+    # A card that fits one row: 4 -> 2 -> 1; shorter micro-batches try 4 rows again and back off.
+    capped_sizes = [e["now_rows_per_piece"] for e in capped["out_of_memory_splits"]]
+    assert capped_sizes[:2] == [2, 1] and set(capped_sizes) == {1, 2}
+    for metrics in (once, capped):
+        assert metrics["effective_batch_size"] == clean["effective_batch_size"] == 8
+        assert metrics["optimizer_steps"] == clean["optimizer_steps"] == 18
+    for weights in (once_weights, capped_weights):
+        assert weights.keys() == clean_weights.keys()
+        for key, value in clean_weights.items():
+            assert torch_allclose(weights[key], value), key
+
+
+def torch_allclose(a, b) -> bool:
+    import torch
+
+    return torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_train_row_that_cannot_fit_alone_exits_cleanly_and_keeps_the_checkpoint(run_dir,
+                                                                                tmp_path):
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    shutil.copytree(run_dir / "base-model", artifacts / "base-model")
+    args = [sys.executable, "scripts/train.py", f"ARTIFACTS_DIR={artifacts}",
+            f"DATA_DIR={run_dir / 'data'}", "EPOCHS=2", "LR=2e-3", "VAL_SAMPLE=16",
+            "PER_DEVICE_BATCH=8"]
+    # 18 micro-batches of 8 make epoch 1 (checkpoint-9); from attempt 20 on nothing fits:
+    # 8 rows, replay at 4, then 2, then 1 row -> out of options.
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "VQA_FAULT_OOM_AT": ",".join(str(n) for n in range(20, 40))}
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.replace("\r", "\n").splitlines()
+              if line.startswith("vqa train: error:")]
+    assert len(errors) == 1, done.stderr[-2000:]
+    last = errors[0]
+    assert last.startswith("vqa train: error: training row id ")
+    assert "does not fit in GPU memory even alone" in last and "MAX_PIXELS" in last
+    assert "Traceback" not in done.stderr
+    checkpoint = artifacts / "checkpoints" / "checkpoint-9"
+    assert (checkpoint / "trainer_state.json").is_file()
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    assert not (artifacts / "train_metrics.json").exists()
+    assert not (artifacts / "lora_adapter").exists()

@@ -17,9 +17,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from vqa.model import ModelError
     from vqa.predict import PredictOutOfMemory
     from vqa.submission import SubmissionError
+    from vqa.train import TrainingOutOfMemory
 
     return (ConfigError, DataError, ModelError, PredictOutOfMemory, SubmissionError,
-            FileNotFoundError)
+            TrainingOutOfMemory, FileNotFoundError)
 
 
 def run_stage(name: str, stage: Callable[[Config], int | None], argv: list[str] | None = None) -> int:

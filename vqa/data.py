@@ -200,6 +200,7 @@ class VQACollator:
             labels = torch.full_like(batch["input_ids"], -100)
             labels[:, -2:] = batch["input_ids"][:, -2:]
             batch["labels"] = labels
+            batch["row_ids"] = [str(row["id"]) for row in rows]  # named if a row cannot fit
         batch.pop("token_type_ids", None)
         if "mm_token_type_ids" not in batch:
             raise RuntimeError("processor returned no mm_token_type_ids: mRoPE positions need them")

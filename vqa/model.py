@@ -89,6 +89,7 @@ def attach_lora(model, config: Config):
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=[t.strip() for t in config.lora_targets.split(",") if t.strip()],
         bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(config.seed)  # LoRA's A matrices are random: the same SEED, the same start
     return get_peft_model(model, lora)
 
 

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from vqa.data import LETTERS, VQACollator, letter_token_ids
+from vqa.oom import FaultInjector, free_memory
 
 log = logging.getLogger("vqa")
 
@@ -77,24 +78,8 @@ class PredictOutOfMemory(RuntimeError):
     """One row alone does not fit: the message names it and the remedy."""
 
 
-_FAULT_OOM_AT = {int(x) for x in os.environ.get("VQA_FAULT_OOM_AT", "").split(",") if x.strip()}
-_attempts = 0
-
-
-def _inject_faults() -> None:
-    """VQA_FAULT_OOM_AT=2,5 raises a real OutOfMemoryError at those forward attempts (tests)."""
-    global _attempts
-    _attempts += 1
-    if _attempts in _FAULT_OOM_AT:
-        raise torch.cuda.OutOfMemoryError(f"injected by VQA_FAULT_OOM_AT at attempt {_attempts}")
-
-
-def _free_memory() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+# Fault injection for tests (vqa/oom.py); replaced by tests that need other faults.
+FAULTS = FaultInjector()
 
 
 def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_size: int,
@@ -112,7 +97,7 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
     result = Predictions()
 
     def answer(chunk: list[dict]) -> None:
-        _inject_faults()
+        FAULTS.before_forward(len(chunk))
         batch = collate(chunk)
         if mode == "generate":
             texts = generate_batch(model, processor, batch, max_new_tokens)
@@ -141,7 +126,7 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
             answer(chunk)
             return len(chunk)
         except torch.cuda.OutOfMemoryError:
-            _free_memory()
+            free_memory()
             if len(chunk) == 1:
                 raise PredictOutOfMemory(
                     f"row id {chunk[0]['id']} ({chunk[0]['path']}) does not fit in GPU memory "

@@ -45,6 +45,7 @@ KOREAN_SAMPLES = [
 
 VISION_BATCH = 32
 VISION_LR = 2e-3
+ANCHOR_WEIGHT = 1.0
 LM_BATCH = 8
 LM_LR = 1e-3
 OPEN_ENDED_SHARE = 0.3
@@ -100,12 +101,14 @@ def align_vision(model, processor, images: dict, labels: dict, steps: int, rng: 
         pixels = processor.image_processor(images=[images[i] for i in chunk], return_tensors="pt")
         features = model.model.visual(pixels["pixel_values"],
                                       grid_thw=pixels["image_grid_thw"]).pooler_output
-        pooled = F.normalize(features.reshape(len(chunk), -1, features.shape[-1]).mean(1), dim=-1)
-        logits = 10 * pooled @ F.normalize(embeddings[word_ids], dim=-1).T
+        pooled = features.reshape(len(chunk), -1, features.shape[-1]).mean(1)
+        logits = 10 * F.normalize(pooled, dim=-1) @ F.normalize(embeddings[word_ids], dim=-1).T
         color = torch.tensor([labels[i][0] for i in chunk])
         shape = torch.tensor([labels[i][1] for i in chunk])
+        target = (embeddings[word_ids[color]] + embeddings[word_ids[len(COLORS) + shape]]).detach()
         loss = (F.cross_entropy(logits[:, :len(COLORS)], color)
-                + F.cross_entropy(logits[:, len(COLORS):], shape))
+                + F.cross_entropy(logits[:, len(COLORS):], shape)
+                + ANCHOR_WEIGHT * F.mse_loss(pooled, target, reduction="sum") / len(chunk))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

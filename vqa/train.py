@@ -89,6 +89,118 @@ def letter_metrics(letter_ids: list[int]):
     return preprocess_logits_for_metrics, compute_metrics
 
 
+class TrainingOutOfMemory(RuntimeError):
+    """One row alone does not fit in a training step: the message names it and the remedy."""
+
+
+def backoff_trainer_class():
+    """The HF Trainer with a training step that survives CUDA out-of-memory.
+
+    On OutOfMemoryError the micro-batch is split in two and its pieces accumulate into the same
+    optimizer step, so the optimizer sees the same rows and the same effective batch. Because a
+    backward that failed halfway may have added part of its gradients, the accumulation window's
+    earlier micro-batches (kept as CPU copies until the optimizer steps) are replayed after zeroing
+    the gradients. Later micro-batches at least as long as the one that failed are split up front.
+    A single row that does not fit raises TrainingOutOfMemory; checkpoints already saved stay.
+    """
+    from transformers import Trainer
+
+    from vqa.oom import FaultInjector, even_sizes, free_memory, split_batch
+
+    class BackoffTrainer(Trainer):
+        def __init__(self, *args, remedy: str = "", **kwargs):
+            super().__init__(*args, **kwargs)
+            self.remedy = remedy
+            self.faults = FaultInjector()
+            self._piece_ids: list = []
+            self._piece_weight = 1.0  # a piece's share of its micro-batch's mean loss
+            self.split_from_length: int | None = None  # micro-batches this long or longer ...
+            self.split_rows: int | None = None  # ... run in pieces of at most this many rows
+            self.oom_events: list[dict] = []
+            self._window: list[tuple[dict, object]] = []  # micro-batches since the optimizer step
+            self._window_step = -1
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            inputs = {k: v for k, v in inputs.items() if k != "row_ids"}
+            result = super().compute_loss(model, inputs, *args, **kwargs)
+            if self._piece_weight == 1.0:
+                return result
+            if isinstance(result, tuple):
+                return (result[0] * self._piece_weight, *result[1:])
+            return result * self._piece_weight
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self.state.global_step != self._window_step:
+                self._window, self._window_step = [], self.state.global_step
+            try:
+                loss = self._run_pieces(model, inputs, num_items_in_batch)
+            except torch.cuda.OutOfMemoryError as error:
+                loss = self._recover(model, inputs, num_items_in_batch, error)
+            self._window.append(({k: v.cpu() if torch.is_tensor(v) else v
+                                  for k, v in inputs.items()}, num_items_in_batch))
+            return loss
+
+        def _sizes(self, inputs) -> list[int]:
+            rows, length = inputs["input_ids"].shape
+            if self.split_rows and length >= self.split_from_length and rows > self.split_rows:
+                return even_sizes(rows, self.split_rows)
+            return [rows]
+
+        def _run_pieces(self, model, inputs, num_items_in_batch):
+            """Runs a micro-batch as pieces whose gradients add up to the micro-batch's own."""
+            sizes = self._sizes(inputs)
+            # Trainer divides the summed loss by num_items_in_batch only when the model takes
+            # loss kwargs; otherwise each piece's mean is weighted by its share of the labels.
+            summed = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            labelled = (inputs["labels"][:, 1:] != -100).sum(1)
+            total, start = 0.0, 0
+            try:
+                for piece in split_batch(inputs, sizes):
+                    rows = piece["input_ids"].shape[0]
+                    if len(sizes) > 1 and not summed:
+                        share = labelled[start:start + rows].sum() / labelled.sum()
+                        self._piece_weight = float(share)
+                    self._piece_ids = piece.get("row_ids", [])
+                    self.faults.before_forward(rows)
+                    total = total + super().training_step(model, piece, num_items_in_batch)
+                    start += rows
+            finally:
+                self._piece_weight = 1.0
+            return total
+
+        def _recover(self, model, inputs, num_items_in_batch, error):
+            rows, length = inputs["input_ids"].shape
+            while True:
+                failed = max(self._sizes(inputs)) if self.split_rows else rows
+                free_memory()
+                if failed == 1:
+                    ids = ", ".join(map(str, self._piece_ids)) or "?"
+                    raise TrainingOutOfMemory(
+                        f"training row id {ids} does not fit in GPU memory even alone (batch "
+                        f"of {rows} rows, {length} tokens): {self.remedy}; the last checkpoint "
+                        f"in {self.args.output_dir} is kept and `make train` resumes from it"
+                    ) from error
+                self.split_rows = max(1, failed // 2)
+                self.split_from_length = min(length, self.split_from_length or length)
+                event = {"optimizer_step": self.state.global_step, "rows": rows,
+                         "sequence_length": length, "now_rows_per_piece": self.split_rows,
+                         "error": str(error).splitlines()[0][:200]}
+                self.oom_events.append(event)
+                log.warning("out of GPU memory in a training step (%d rows, %d tokens): "
+                            "splitting into pieces of %d rows, same effective batch",
+                            rows, length, self.split_rows)
+                # A backward that failed halfway may have added part of its gradients.
+                model.zero_grad(set_to_none=True)
+                try:
+                    for earlier, items in self._window:
+                        self._run_pieces(model, self._prepare_inputs(earlier), items)
+                    return self._run_pieces(model, inputs, num_items_in_batch)
+                except torch.cuda.OutOfMemoryError as again:
+                    error = again
+
+    return BackoffTrainer
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -153,7 +265,7 @@ def train(config: Config, per_device_batch: int) -> dict:
     A finished run with the same signature is not trained again (RETRAIN=1 forces it); a run
     killed midway resumes from its last checkpoint (one per epoch).
     """
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback, TrainingArguments
 
     artifacts = config.artifacts_dir
     signature = train_signature(config, per_device_batch)
@@ -210,7 +322,7 @@ def train(config: Config, per_device_batch: int) -> dict:
         data_seed=config.seed,
         disable_tqdm=False,
     )
-    trainer = Trainer(
+    trainer = backoff_trainer_class()(
         model=model,
         args=args,
         train_dataset=RowDataset(train_rows),
@@ -219,6 +331,8 @@ def train(config: Config, per_device_batch: int) -> dict:
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess,
         callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)],
+        remedy=(f"lower MAX_PIXELS (now {config.max_pixels or 'the processor default'}; each "
+                f"halving halves the image tokens) or use a card with more memory"),
     )
     result = trainer.train(resume_from_checkpoint=resume)
     best = trainer.evaluate()  # the best checkpoint, reloaded by load_best_model_at_end
@@ -248,6 +362,7 @@ def train(config: Config, per_device_batch: int) -> dict:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "device": device,
+        "out_of_memory_splits": trainer.oom_events,
         "quantized_4bit": any(type(m).__name__ == "Linear4bit" for m in model.modules()),
         "log_history": history,
     }
