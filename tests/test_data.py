@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -45,13 +47,33 @@ def test_bad_tables_are_one_line_errors(tmp_path, mutate, message):
     assert message in str(info.value) and str(path) in str(info.value)
 
 
-def test_missing_file_and_undecodable_text(tmp_path):
+def test_missing_file_and_undecodable_text(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="file not found"):
         read_table(tmp_path / "nope.csv", with_answer=False)
+    unreadable = tmp_path / "locked.csv"
+    unreadable.write_text("id,path,question,a,b,c,d\n")
+
+    def denied(self):  # what a file without read permission does (tests may run as root)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(DataError, match="locked.csv: cannot read \\(Permission denied\\)"):
+        read_table(unreadable, with_answer=False)
+    monkeypatch.undo()
     path = tmp_path / "test.csv"
-    path.write_bytes("id,path,question,a,b,c,d\n1,x.png,무슨 색?,a,b,c,d\n".encode("cp949"))
-    with pytest.raises(DataError, match="not UTF-8"):
+    path.write_bytes(b"id,path,question,a,b,c,d\n1,x.png,\xff\xfe\xff?,a,b,c,d\n")
+    with pytest.raises(DataError, match=r"neither UTF-8 .* nor CP949/EUC-KR text; save it as UTF-8"):
         read_table(path, with_answer=False)
+
+
+@pytest.mark.parametrize("encoding", ["cp949", "euc-kr"])
+def test_korean_csv_saved_as_cp949_or_euc_kr_is_decoded(tmp_path, encoding):
+    path = tmp_path / "test.csv"
+    text = "id,path,question,a,b,c,d\r\n1,x.png,이 도형은 무슨 색입니까?,빨간색,파란색,원,\"예\r\n아니오\"\r\n"
+    path.write_bytes(text.encode(encoding))
+    table = read_table(path, with_answer=False)
+    assert table.at[0, "question"] == "이 도형은 무슨 색입니까?"
+    assert table.at[0, "a"] == "빨간색" and table.at[0, "d"] == "예\r\n아니오"  # quoted newline kept
 
 
 def test_test_table_needs_no_answer(tmp_path):

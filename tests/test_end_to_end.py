@@ -300,3 +300,47 @@ def test_train_row_that_cannot_fit_alone_exits_cleanly_and_keeps_the_checkpoint(
     assert (checkpoint / "adapter_model.safetensors").is_file()
     assert not (artifacts / "train_metrics.json").exists()
     assert not (artifacts / "lora_adapter").exists()
+
+
+@pytest.mark.slow
+def test_broken_images_skip_train_rows_and_test_rows_go_text_only(run_dir, tmp_path):
+    """A broken training image skips its rows (listed); a broken test image is asked as text."""
+    from vqa.data import DataError
+    from vqa.submit import submit
+    from vqa.train import train
+
+    data = tmp_path / "data"
+    shutil.copytree(run_dir / "data", data)
+    train_csv = pd.read_csv(data / "train.csv", dtype=str)
+    test_csv = pd.read_csv(data / "test.csv", dtype=str)
+    broken_train = train_csv.at[5, "path"]
+    (data / broken_train).write_bytes(b"")  # zero bytes
+    broken_test = test_csv.at[3, "path"]
+    (data / broken_test).write_bytes((data / broken_test).read_bytes()[:40])  # truncated
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(run_dir / "base-model", artifacts / "base-model")
+    config = load_config([f"ARTIFACTS_DIR={artifacts}", f"DATA_DIR={data}", "EPOCHS=1",
+                          "VAL_SAMPLE=16", "PER_DEVICE_BATCH=8", "PRED_BATCH_SIZE=16"],
+                         environ={})
+
+    metrics = train(config, per_device_batch=8)
+    expected = {r["id"] for r in train_csv.to_dict("records") if r["path"] == broken_train}
+    skipped = metrics["skipped_train_rows"]
+    assert {s["id"] for s in skipped} == expected and skipped[0]["row"] == 7
+    assert "not an image PIL can read" in skipped[0]["reason"]
+    assert metrics["train_rows"] + 16 <= len(train_csv) - len(expected)
+
+    report = submit(config)
+    text_only = {r["id"] for r in test_csv.to_dict("records") if r["path"] == broken_test}
+    assert {r["id"] for r in report["text_only_rows"]} == text_only
+    assert report["text_only_rows"][0]["reason"].startswith(str(data / broken_test))
+    submission = pd.read_csv(artifacts / "submission.csv", dtype=str)
+    assert sorted(submission["id"]) == sorted(test_csv["id"])  # nothing dropped
+    assert set(submission["answer"]) <= set("abcd")
+
+    for path in set(train_csv["path"]):  # most images gone: the data folder is wrong
+        (data / path).unlink(missing_ok=True)
+    with pytest.raises(DataError, match=r"images unusable .* is DATA_DIR right\?"):
+        train(load_config([f"ARTIFACTS_DIR={tmp_path / 'other'}", f"DATA_DIR={data}",
+                           f"MODEL_ID={artifacts / 'base-model'}"], environ={}),
+              per_device_batch=8)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vqa.data import DataError, load_image
+from vqa.data import DataError, load_image, pad_to_aspect_ratio
 
 
 def _save(path, image, **kwargs):
@@ -74,3 +74,20 @@ def test_decompression_bombs_stay_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40,000 px > 2 x 1,000: a bomb
     with pytest.raises(DataError, match="decompression bomb"):
         load_image(path)
+
+
+@pytest.mark.parametrize("size, padded", [((3000, 10), (3000, 15)), ((7, 2000), (10, 2000)),
+                                          ((400, 2), (400, 2)), ((64, 64), (64, 64))])
+def test_strips_beyond_200_to_1_are_padded_not_cut(tmp_path, size, padded):
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    image = Image.new("RGB", size, (255, 0, 0))
+    path = _save(tmp_path / "strip.png", image)
+    loaded = load_image(path)
+    assert loaded.size == padded
+    width, height = loaded.size
+    smart_resize(height, width, min_pixels=56 * 56, max_pixels=448 * 448)  # Qwen's rule accepts it
+    # The picture itself is intact, centred on white.
+    red = np.all(np.asarray(loaded) == (255, 0, 0), axis=-1)
+    assert red.sum() == size[0] * size[1]
+    assert pad_to_aspect_ratio(loaded) is loaded  # already within the limit: untouched

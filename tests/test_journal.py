@@ -37,3 +37,13 @@ def test_fingerprint_follows_content(tmp_path):
     first = file_fingerprint(path)
     path.write_text("b")
     assert file_fingerprint(path) != first
+
+
+def test_journal_remembers_rows_answered_without_their_image(tmp_path):
+    path = tmp_path / "predictions.journal.jsonl"
+    journal = PredictionJournal(path, {"model": "m"})
+    journal.load()
+    journal.append({"1": "a", "2": "b"}, {"2": "x.png: not an image PIL can read"})
+    again = PredictionJournal(path, {"model": "m"})
+    assert again.load() == {"1": "a", "2": "b"}
+    assert again.text_only == {"2": "x.png: not an image PIL can read"}

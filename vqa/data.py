@@ -6,7 +6,8 @@ is relative to DATA_DIR. An optional sample_submission.csv fixes the submission'
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -17,10 +18,39 @@ LETTERS = ["a", "b", "c", "d"]
 OPTION_LABELS = ["A", "B", "C", "D"]  # what the model reads and answers
 REQUIRED_COLUMNS = ["id", "path", "question", *LETTERS]
 PROMPT_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+# Qwen's resize rule raises above this aspect ratio; such images are padded to it.
+MAX_ASPECT_RATIO = 200
+
+log = logging.getLogger("vqa")
 
 
 class DataError(ValueError):
     """A problem with the user's data, reported as one line naming the file and row."""
+
+
+def csv_encoding(path: Path) -> str:
+    """utf-8-sig (UTF-8 with or without a BOM), else cp949 for Korean files saved by Excel.
+
+    CP949 is a superset of EUC-KR, so both decode. Anything else is refused with the byte that
+    failed: guessing further would turn text into mojibake silently.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        data.decode("utf-8-sig")
+        return "utf-8-sig"
+    except UnicodeDecodeError as exc:
+        utf8_error = exc
+    try:
+        data.decode("cp949")
+    except UnicodeDecodeError:
+        raise DataError(
+            f"{path}: neither UTF-8 ({utf8_error.reason} at byte {utf8_error.start}) nor "
+            f"CP949/EUC-KR text; save it as UTF-8") from None
+    log.warning("%s is not UTF-8: decoded as CP949 (EUC-KR)", path)
+    return "cp949"
 
 
 def read_table(path: Path, *, with_answer: bool) -> pd.DataFrame:
@@ -29,10 +59,8 @@ def read_table(path: Path, *, with_answer: bool) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        # utf-8-sig reads UTF-8 with or without a BOM.
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False,
+                            encoding=csv_encoding(path))
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"{path}: cannot parse CSV ({str(exc).splitlines()[0]})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
@@ -91,7 +119,7 @@ def load_image(path: Path) -> Image.Image:
                 image.draft("RGB", DRAFT_SIZE)
             image.load()
             image = ImageOps.exif_transpose(image)
-            return _to_rgb(image)
+            return pad_to_aspect_ratio(_to_rgb(image))
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except Image.DecompressionBombError as exc:
@@ -117,6 +145,40 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def padded_size(width: int, height: int, limit: int = MAX_ASPECT_RATIO) -> tuple[int, int]:
+    """(width, height) after pad_to_aspect_ratio, computed without an image."""
+    if max(width, height) <= limit * min(width, height):
+        return width, height
+    if width > height:
+        return width, -(-width // limit)
+    return -(-height // limit), height
+
+
+def pad_to_aspect_ratio(image: Image.Image, limit: int = MAX_ASPECT_RATIO) -> Image.Image:
+    """A strip longer than `limit`:1 gets white margins on its short side, centred, so that
+    Qwen's resize accepts it; nothing of the picture is cut or squeezed."""
+    width, height = image.size
+    size = padded_size(width, height, limit)
+    if size == (width, height):
+        return image
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    canvas.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
+    return canvas
+
+
+def image_problems(frame: pd.DataFrame, data_dir: Path, desc: str) -> dict[str, str]:
+    """id -> reason for every row whose image cannot be used, found by decoding each one."""
+    from tqdm import tqdm
+
+    problems = {}
+    for row in tqdm(frame.to_dict("records"), desc=desc, unit="image", leave=False):
+        try:
+            load_image(resolve_image(data_dir, row["path"]))
+        except DataError as exc:
+            problems[str(row["id"])] = str(exc)
+    return problems
 
 
 def blank_like(image: Image.Image) -> Image.Image:
@@ -152,9 +214,9 @@ def prompt_text(row) -> str:
     return f"{row['question']}\n{options}\n{PROMPT_INSTRUCTION}"
 
 
-def build_messages(row) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"},
-                                         {"type": "text", "text": prompt_text(row)}]}]
+def build_messages(row, with_image: bool = True) -> list[dict]:
+    image = [{"type": "image"}] if with_image else []
+    return [{"role": "user", "content": [*image, {"type": "text", "text": prompt_text(row)}]}]
 
 
 def letter_token_ids(tokenizer) -> list[int]:
@@ -175,27 +237,42 @@ class VQACollator:
     With `train=True` the answer letter and <|im_end|> follow the prompt and are the only labelled
     tokens (with <|im_end|> labelled, generation learns to stop after the letter).
     `blank_images=True` replaces every picture with a white one of the same size.
+    When predicting (`train=False`), a row whose image cannot be loaded is asked as text only,
+    so it still gets an answer; its id and the reason land in `text_only`.
     """
 
     processor: object
     data_dir: Path
     train: bool = False
     blank_images: bool = False
+    text_only: dict = field(default_factory=dict)  # id -> why the image was left out
+
+    def _image(self, row) -> Image.Image | None:
+        image = row.get("image")  # rows may carry a decoded image (the base's pretraining)
+        if image is None:
+            try:
+                image = load_image(resolve_image(self.data_dir, row["path"]))
+            except DataError as exc:
+                if self.train:
+                    raise
+                self.text_only[str(row["id"])] = str(exc)
+                return None
+        return blank_like(image) if self.blank_images else image
 
     def __call__(self, rows: list[dict]) -> dict:
         texts, images = [], []
         for row in rows:
+            image = self._image(row)
             text = self.processor.apply_chat_template(
-                build_messages(row), tokenize=False, add_generation_prompt=True)
+                build_messages(row, with_image=image is not None), tokenize=False,
+                add_generation_prompt=True)
             if self.train:
                 text += OPTION_LABELS[LETTERS.index(row["answer"])] + "<|im_end|>"
             texts.append(text)
-            image = row.get("image")  # rows may carry a decoded image (the base's pretraining)
-            if image is None:
-                image = load_image(resolve_image(self.data_dir, row["path"]))
-            images.append(blank_like(image) if self.blank_images else image)
-        batch = self.processor(text=texts, images=images, padding=True, padding_side="left",
-                               return_tensors="pt")
+            if image is not None:
+                images.append(image)
+        batch = self.processor(text=texts, images=images or None, padding=True,
+                               padding_side="left", return_tensors="pt")
         if self.train:
             labels = torch.full_like(batch["input_ids"], -100)
             labels[:, -2:] = batch["input_ids"][:, -2:]

@@ -67,7 +67,7 @@ def evaluate(config: Config) -> dict:
     model, source = load_for_inference(config, adapter)
     log.info("evaluating %s", source)
     batch = plan_batch_sizes(config).pred_batch_size
-    _, val_rows = split_rows(config)
+    _, val_rows, _ = split_rows(config)
 
     def run(rows, blank=False, desc="eval"):
         return predict_rows(model, processor, rows, config.data_dir, batch_size=batch,

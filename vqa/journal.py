@@ -20,6 +20,7 @@ class PredictionJournal:
     def __init__(self, path: Path, signature: dict):
         self.path = Path(path)
         self.signature = signature
+        self.text_only: dict[str, str] = {}  # id -> why the row was asked without its image
 
     def load(self) -> dict[str, str]:
         """Answers already journalled for this signature; starts a new journal otherwise."""
@@ -47,13 +48,19 @@ class PredictionJournal:
         for line in lines[1:]:
             entry = json.loads(line)
             answers[entry["id"]] = entry["answer"]
+            if "text_only" in entry:
+                self.text_only[entry["id"]] = entry["text_only"]
         return answers
 
-    def append(self, answers: dict[str, str]) -> None:
+    def append(self, answers: dict[str, str], text_only: dict[str, str] | None = None) -> None:
+        """Journals one batch; `text_only` notes the rows answered without their image."""
         if not answers:
             return
-        text = "".join(json.dumps({"id": i, "answer": a}, ensure_ascii=False) + "\n"
-                       for i, a in answers.items())
+        text_only = text_only or {}
+        entries = [{"id": i, "answer": a, **({"text_only": text_only[i]} if i in text_only else {})}
+                   for i, a in answers.items()]
+        self.text_only.update({i: text_only[i] for i in answers if i in text_only})
+        text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()

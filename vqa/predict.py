@@ -35,6 +35,7 @@ class Predictions:
     unparsed: list[str] = field(default_factory=list)  # generate mode: ids resolved by scoring
     raw_outputs: dict[str, str] = field(default_factory=dict)
     oom_splits: list[int] = field(default_factory=list)  # batch sizes that ran out of memory
+    text_only: dict[str, str] = field(default_factory=dict)  # id -> why its image was left out
 
 
 def parse_letter(text: str) -> str | None:
@@ -85,16 +86,19 @@ FAULTS = FaultInjector()
 def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_size: int,
                  mode: str = "score", max_new_tokens: int = 16, blank_images: bool = False,
                  desc: str = "predict",
-                 on_batch: Callable[[dict[str, str]], None] | None = None) -> Predictions:
-    """Answers every row exactly once; `on_batch` receives each finished batch's answers.
+                 on_batch: Callable[[dict[str, str], dict[str, str]], None] | None = None,
+                 ) -> Predictions:
+    """Answers every row exactly once; `on_batch` receives each finished batch's answers and
+    the ids among them asked as text only (image unreadable) with the reason.
 
     A batch that runs out of GPU memory is split in two and retried, down to one row; later
-    batches (shorter: rows run longest first) keep the smaller size. Nothing is skipped.
+    batches (shorter: rows run longest first) keep the smaller size. A row whose image cannot be
+    read is asked without it. Nothing is skipped.
     """
     collate = VQACollator(processor, Path(data_dir), train=False, blank_images=blank_images)
+    result = Predictions(text_only=collate.text_only)
     letter_ids = letter_token_ids(processor.tokenizer)
     order = length_order(rows, processor)
-    result = Predictions()
 
     def answer(chunk: list[dict]) -> None:
         FAULTS.before_forward(len(chunk))
@@ -143,7 +147,9 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
             chunk = [rows[i] for i in order[start:start + batch_size]]
             batch_size = min(batch_size, answer_with_backoff(chunk))
             if on_batch is not None:
-                on_batch({row["id"]: result.answers[row["id"]] for row in chunk})
+                ids = [row["id"] for row in chunk]
+                on_batch({i: result.answers[i] for i in ids},
+                         {i: collate.text_only[i] for i in ids if i in collate.text_only})
             if _FAULT_SLEEP:  # fault injection for tests: a slow batch leaves time to kill
                 time.sleep(_FAULT_SLEEP)
             bar.update(len(chunk))

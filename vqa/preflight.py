@@ -15,7 +15,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from vqa.config import Config
-from vqa.data import DataError, build_messages, read_table, resolve_image
+from vqa.data import (
+    MAX_ASPECT_RATIO,
+    DataError,
+    build_messages,
+    padded_size,
+    read_table,
+    resolve_image,
+)
 from vqa.io import write_json_atomic, write_text_atomic
 from vqa.memory import GIB, plan_batch_sizes, probe_machine, visual_tokens_for
 
@@ -29,6 +36,12 @@ class RowProblem:
     id: str
     path: str
     reason: str
+    action: str = ""  # what train/submit will do with the row
+
+
+def _action(csv_name: str) -> str:
+    return ("skipped by train" if csv_name == "train.csv"
+            else "answered from the text alone by submit")
 
 
 def scan_rows(frame, csv_name: str, config: Config, processor) -> tuple[list[int], list[RowProblem]]:
@@ -47,18 +60,29 @@ def scan_rows(frame, csv_name: str, config: Config, processor) -> tuple[list[int
             path = resolve_image(config.data_dir, row["path"])
             with Image.open(path) as image:
                 width, height = image.size
-            tokens = visual_tokens_for(height, width, min_pixels=min_pixels, max_pixels=max_pixels,
-                                       patch_size=patch, merge_size=merge)
-        except (DataError, ValueError) as exc:
-            problems.append(RowProblem(csv_name, line, row["id"], row["path"], str(exc)))
+        except DataError as exc:
+            problems.append(RowProblem(csv_name, line, row["id"], row["path"], str(exc),
+                                       _action(csv_name)))
             continue
         except FileNotFoundError:
-            problems.append(RowProblem(csv_name, line, row["id"], row["path"], "image file missing"))
+            problems.append(RowProblem(csv_name, line, row["id"], row["path"], "image file missing",
+                                       _action(csv_name)))
             continue
-        except (OSError, Image.DecompressionBombError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             problems.append(RowProblem(csv_name, line, row["id"], row["path"],
-                                       f"unreadable image ({type(exc).__name__}: {exc})"))
+                                       f"unreadable image ({type(exc).__name__}: {exc})",
+                                       _action(csv_name)))
             continue
+        padded = padded_size(width, height)
+        if padded != (width, height):
+            problems.append(RowProblem(
+                csv_name, line, row["id"], row["path"],
+                f"aspect ratio {max(width, height) / min(width, height):.0f}:1 exceeds "
+                f"{MAX_ASPECT_RATIO}:1 (Qwen's resize rejects it)",
+                f"padded with white to {padded[0]}x{padded[1]} on load"))
+            width, height = padded
+        tokens = visual_tokens_for(height, width, min_pixels=min_pixels, max_pixels=max_pixels,
+                                   patch_size=patch, merge_size=merge)
         text = processor.apply_chat_template(build_messages(row), tokenize=False,
                                              add_generation_prompt=True)
         text_tokens = len(processor.tokenizer.encode(text, add_special_tokens=False))
@@ -105,12 +129,11 @@ def run_preflight(config: Config) -> int:
     plan = plan_batch_sizes(config, machine)
 
     blocking = []
-    if not train_lengths:
-        blocking.append("no usable training row")
-    if test_problems:
-        blocking.append(f"{len(test_problems)} test row(s) cannot be read; every test row "
-                        f"must be predicted (first: {test_problems[0].id}: "
-                        f"{test_problems[0].reason})")
+    if len(train_lengths) * 2 < len(train):  # most images unreadable: the folder is wrong
+        first = train_problems[0]
+        blocking.append(f"only {len(train_lengths)} of {len(train)} training images are usable "
+                        f"(first problem: row {first.row}, id {first.id}: {first.reason}); "
+                        f"is DATA_DIR right?")
     report = {
         "verdict": "blocked" if blocking else "runnable",
         "blocking": blocking,
@@ -129,7 +152,8 @@ def run_preflight(config: Config) -> int:
     write_json_atomic(artifacts / "preflight.json", report)
     write_text_atomic(artifacts / "preflight.md", render_markdown(report))
     for p in problems[:5]:
-        print(f"  {p.file} row {p.row} (id {p.id}, {p.path}): {p.reason}")
+        print(f"  {p.file} row {p.row} (id {p.id}, {p.path}): {p.reason}"
+              + (f" -> {p.action}" if p.action else ""))
     if len(problems) > 5:
         print(f"  ... and {len(problems) - 5} more row problem(s): see {artifacts / 'preflight.md'}")
     log.info("plan: %s", "; ".join(plan.reasons))
@@ -171,9 +195,9 @@ def render_markdown(report: dict) -> str:
               f"PER_DEVICE_BATCH={plan['per_device_batch']} PRED_BATCH_SIZE={plan['pred_batch_size']}",
               "```", "", f"## Row problems ({len(report['problems'])})", ""]
     if report["problems"]:
-        lines += ["| file | row | id | path | reason |", "|---|---|---|---|---|"]
-        lines += [f"| {p['file']} | {p['row']} | {p['id']} | {p['path']} | {p['reason']} |"
-                  for p in report["problems"]]
+        lines += ["| file | row | id | path | problem | what happens |", "|---|---|---|---|---|---|"]
+        lines += [f"| {p['file']} | {p['row']} | {p['id']} | {p['path']} | {p['reason']} | "
+                  f"{p['action']} |" for p in report["problems"]]
     else:
         lines.append("None.")
     return "\n".join(lines) + "\n"

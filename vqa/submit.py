@@ -31,6 +31,12 @@ def run_signature(config: Config) -> dict:
     }
 
 
+def text_only_rows(test, text_only: dict[str, str]) -> list[dict]:
+    """The rows answered without their image, with their CSV line, file and reason."""
+    return [{"row": n + 2, "id": row["id"], "path": row["path"], "reason": text_only[row["id"]]}
+            for n, row in enumerate(test.to_dict("records")) if row["id"] in text_only]
+
+
 def submit(config: Config) -> dict:
     test = read_table(config.data_dir / "test.csv", with_answer=False)
     order = submission_order(test, config.data_dir)
@@ -62,9 +68,15 @@ def submit(config: Config) -> dict:
         "out_of_memory_splits": result.oom_splits,
         "unparsed_generations_resolved_by_scoring": len(result.unparsed),
         "unparsed_ids": result.unparsed[:50],
+        "text_only_rows": text_only_rows(test, journal.text_only),
         "submission": str(path),
     }
     write_json_atomic(config.artifacts_dir / "submit_report.json", report)
+    if journal.text_only:
+        first = next(iter(journal.text_only.items()))
+        log.warning("%d test row(s) had an unreadable image and were answered from the text "
+                    "alone (listed in submit_report.json); first: id %s: %s",
+                    len(journal.text_only), *first)
     if result.unparsed:
         log.info("%d generated answer(s) held no option letter and were scored instead",
                  len(result.unparsed))

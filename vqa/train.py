@@ -27,7 +27,9 @@ import torch
 from vqa.config import Config
 from vqa.data import (
     LETTERS,
+    DataError,
     VQACollator,
+    image_problems,
     letter_token_ids,
     read_table,
     stratified_sample,
@@ -50,12 +52,31 @@ class RowDataset(torch.utils.data.Dataset):
         return self.rows[index]
 
 
-def split_rows(config: Config) -> tuple[list[dict], list[dict]]:
-    """(train rows, fixed validation sample) from DATA_DIR/train.csv."""
-    frame = read_table(config.data_dir / "train.csv", with_answer=True)
+def split_rows(config: Config) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train rows, fixed validation sample, skipped rows) from DATA_DIR/train.csv.
+
+    A row whose image cannot be used is skipped and listed with its CSV line and reason; when
+    more than half are unusable the data folder itself is wrong, and that stops the run.
+    """
+    path = config.data_dir / "train.csv"
+    frame = read_table(path, with_answer=True)
+    problems = image_problems(frame, config.data_dir, "check train images")
+    skipped = [{"row": n + 2, "id": row["id"], "path": row["path"], "reason": problems[row["id"]]}
+               for n, row in enumerate(frame.to_dict("records")) if row["id"] in problems]
+    if len(skipped) * 2 > len(frame):
+        first = skipped[0]
+        raise DataError(f"{path}: {len(skipped)} of {len(frame)} images unusable (row "
+                        f"{first['row']}, id {first['id']!r}: {first['reason']}); is DATA_DIR "
+                        f"right?")
+    if skipped:
+        first = skipped[0]
+        log.warning("skipping %d of %d training rows whose image is unusable (listed in "
+                    "train_metrics.json); first: row %d, id %s: %s", len(skipped), len(frame),
+                    first["row"], first["id"], first["reason"])
+        frame = frame[~frame["id"].isin(problems)].reset_index(drop=True)
     train, val = stratified_split(frame, config.val_fraction, config.seed)
     val = stratified_sample(val, config.val_sample, config.seed)
-    return train.to_dict("records"), val.to_dict("records")
+    return train.to_dict("records"), val.to_dict("records"), skipped
 
 
 def gradient_accumulation(config: Config, per_device_batch: int, world_size: int = 1) -> int:
@@ -115,7 +136,7 @@ def backoff_trainer_class():
             self._piece_ids: list = []
             self._piece_weight = 1.0  # a piece's share of its micro-batch's mean loss
             self.split_from_length: int | None = None  # micro-batches this long or longer ...
-            self.split_rows: int | None = None  # ... run in pieces of at most this many rows
+            self.piece_rows: int | None = None  # ... run in pieces of at most this many rows
             self.oom_events: list[dict] = []
             self._window: list[tuple[dict, object]] = []  # micro-batches since the optimizer step
             self._window_step = -1
@@ -142,8 +163,8 @@ def backoff_trainer_class():
 
         def _sizes(self, inputs) -> list[int]:
             rows, length = inputs["input_ids"].shape
-            if self.split_rows and length >= self.split_from_length and rows > self.split_rows:
-                return even_sizes(rows, self.split_rows)
+            if self.piece_rows and length >= self.split_from_length and rows > self.piece_rows:
+                return even_sizes(rows, self.piece_rows)
             return [rows]
 
         def _run_pieces(self, model, inputs, num_items_in_batch):
@@ -171,7 +192,7 @@ def backoff_trainer_class():
         def _recover(self, model, inputs, num_items_in_batch, error):
             rows, length = inputs["input_ids"].shape
             while True:
-                failed = max(self._sizes(inputs)) if self.split_rows else rows
+                failed = max(self._sizes(inputs)) if self.piece_rows else rows
                 free_memory()
                 if failed == 1:
                     ids = ", ".join(map(str, self._piece_ids)) or "?"
@@ -180,15 +201,15 @@ def backoff_trainer_class():
                         f"of {rows} rows, {length} tokens): {self.remedy}; the last checkpoint "
                         f"in {self.args.output_dir} is kept and `make train` resumes from it"
                     ) from error
-                self.split_rows = max(1, failed // 2)
+                self.piece_rows = max(1, failed // 2)
                 self.split_from_length = min(length, self.split_from_length or length)
                 event = {"optimizer_step": self.state.global_step, "rows": rows,
-                         "sequence_length": length, "now_rows_per_piece": self.split_rows,
+                         "sequence_length": length, "now_rows_per_piece": self.piece_rows,
                          "error": str(error).splitlines()[0][:200]}
                 self.oom_events.append(event)
                 log.warning("out of GPU memory in a training step (%d rows, %d tokens): "
                             "splitting into pieces of %d rows, same effective batch",
-                            rows, length, self.split_rows)
+                            rows, length, self.piece_rows)
                 # A backward that failed halfway may have added part of its gradients.
                 model.zero_grad(set_to_none=True)
                 try:
@@ -280,7 +301,7 @@ def train(config: Config, per_device_batch: int) -> dict:
     resume = _checkpoint_to_resume(artifacts / "checkpoints", signature)
     if resume:
         log.info("resuming from %s", resume)
-    train_rows, val_rows = split_rows(config)
+    train_rows, val_rows, skipped = split_rows(config)
     processor = load_processor(config)
     model = attach_lora(load_model(config, for_training=True), config)
     trainable, total = model.get_nb_trainable_parameters()
@@ -349,6 +370,7 @@ def train(config: Config, per_device_batch: int) -> dict:
         "signature": signature,
         "resumed_from": resume,
         "train_rows": len(train_rows),
+        "skipped_train_rows": skipped,
         "val_sample_rows": len(val_rows),
         "per_device_batch": per_device_batch,
         "gradient_accumulation": accumulation,
