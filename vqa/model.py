@@ -33,10 +33,48 @@ def _missing_model_message(model_id: str, exc: Exception) -> str:
             f"without network, download it elsewhere and set MODEL_ID to the mounted folder")
 
 
+def _hub_unreachable(model_id: str) -> str | None:
+    """Why the hub cannot be reached for a hub id that is not in the local cache, else None.
+
+    Without this, a host with no network retries every file with back-off for minutes before
+    failing. A local folder, HF_HUB_OFFLINE=1 and a proxy setting skip the probe.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if Path(model_id).exists() or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return None
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(model_id, local_files_only=True)
+        return None  # cached: from_pretrained needs no network
+    except Exception:  # noqa: BLE001 - not cached (or a partial cache): probe the network
+        pass
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+        return None
+    except OSError as exc:
+        return f"{endpoint.hostname} unreachable ({exc.strerror or exc})"
+
+
+def _check_hub(model_id: str) -> None:
+    reason = _hub_unreachable(model_id)
+    if reason:
+        raise ModelError(f"cannot load {model_id!r}: not in the local cache and {reason}; "
+                         f"without network, download it elsewhere and set MODEL_ID to the "
+                         f"mounted folder")
+
+
 def load_processor(config: Config):
     from transformers import AutoProcessor
 
     model_id = config.resolved_model_id
+    _check_hub(model_id)
     kwargs = {}
     if config.min_pixels:
         kwargs["min_pixels"] = config.min_pixels
