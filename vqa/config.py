@@ -56,6 +56,7 @@ class Config:
     data_test_rows: int = 1000  # 0 = all 9,673
     base_pretrain_steps: int = 2000  # full fine-tuning steps that pretrain the tiny base model
     # housekeeping
+    nproc: int = 1  # processes (GPUs) for train and submit; >1 runs them under torchrun
     num_threads: int | None = None  # CPU threads for torch; None = torch's default
     dataloader_workers: int = 0
 
@@ -120,7 +121,7 @@ def _parse_value(knob: str, raw: str, annotation):
 
 _POSITIVE = {"per_device_batch", "effective_batch_size", "lora_r", "lora_alpha", "epochs",
              "pred_batch_size", "max_new_tokens", "val_sample", "max_sequence_length",
-             "min_pixels", "max_pixels", "num_threads",
+             "min_pixels", "max_pixels", "num_threads", "nproc",
              "base_pretrain_steps"}
 _FRACTIONS = {"lora_dropout", "warmup_ratio", "val_fraction"}
 
@@ -138,10 +139,11 @@ def _check(config: Config) -> None:
         raise ConfigError(f"LR={config.lr}: must be positive")
     if config.min_pixels and config.max_pixels and config.min_pixels > config.max_pixels:
         raise ConfigError(f"MIN_PIXELS={config.min_pixels} exceeds MAX_PIXELS={config.max_pixels}")
-    if config.per_device_batch and config.effective_batch_size % config.per_device_batch:
+    if config.per_device_batch and config.effective_batch_size % (config.per_device_batch
+                                                                    * config.nproc):
         raise ConfigError(
             f"EFFECTIVE_BATCH_SIZE={config.effective_batch_size} is not a multiple of "
-            f"PER_DEVICE_BATCH={config.per_device_batch}")
+            f"PER_DEVICE_BATCH={config.per_device_batch} x NPROC={config.nproc}")
 
 
 def load_config(argv: list[str] | None = None, environ: dict | None = None) -> Config:

@@ -4,6 +4,9 @@ One JSON line per answered row, appended after every batch, flushed and fsynced.
 is a header with the run's signature (model, adapter, test.csv, inference settings): a journal
 from another signature is set aside, never mixed in. A line torn by a kill mid-write is cut off
 when the journal is reopened, so a rerun resumes from the last whole line.
+
+With several ranks (NPROC > 1) rank r > 0 writes `<name>.rank<r>.jsonl` beside the main file;
+`read_all` merges every journal of the same signature, whatever NPROC wrote them.
 """
 
 from __future__ import annotations
@@ -72,3 +75,37 @@ class PredictionJournal:
             handle.write(json.dumps({"signature": self.signature}) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def journal_path(main: Path, rank: int) -> Path:
+    main = Path(main)
+    return main if rank == 0 else main.with_name(f"{main.stem}.rank{rank}{main.suffix}")
+
+
+def rank_journals(main: Path) -> list[Path]:
+    main = Path(main)
+    return sorted(main.parent.glob(f"{main.stem}.rank*{main.suffix}"))
+
+
+def read_all(main: Path, signature: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """(answers, text-only notes) from the main journal and every rank's, read only; journals
+    of another signature and a line torn by a kill are ignored."""
+    answers: dict[str, str] = {}
+    text_only: dict[str, str] = {}
+    for path in [Path(main), *rank_journals(main)]:
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        lines = data[:data.rfind(b"\n") + 1].decode("utf-8").splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else {}
+        except json.JSONDecodeError:
+            continue
+        if header.get("signature") != signature:
+            continue
+        for line in lines[1:]:
+            entry = json.loads(line)
+            answers[entry["id"]] = entry["answer"]
+            if "text_only" in entry:
+                text_only[entry["id"]] = entry["text_only"]
+    return answers, text_only

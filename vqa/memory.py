@@ -154,5 +154,18 @@ def plan_batch_sizes(config: Config, machine: Machine | None = None) -> Plan:
         per_device = _pick("PER_DEVICE_BATCH", config.per_device_batch, cpu_batch,
                            "CPU run, RAM is no constraint for it", reasons)
         pred = _pick("PRED_BATCH_SIZE", config.pred_batch_size, 32, "CPU run", reasons)
-    accumulation = max(1, math.ceil(effective / per_device))
+    ranks = config.nproc
+    accumulation = max(1, math.ceil(effective / (per_device * ranks)))
+    if machine is not None and machine.gpus:
+        reasons.append(f"{len(machine.gpus)} GPU(s) found; the plan is per GPU")
+        if ranks > len(machine.gpus):
+            reasons.append(f"NPROC={ranks} exceeds the {len(machine.gpus)} GPU(s) found: "
+                           f"set NPROC={len(machine.gpus)} or fewer")
+    if ranks > 1:
+        reasons.append(f"NPROC={ranks}: micro-batch {per_device} x accumulation {accumulation} "
+                       f"x {ranks} ranks = {per_device * accumulation * ranks} per optimizer "
+                       f"step; each rank predicts every {ranks}th batch")
+    if per_device * accumulation * ranks != effective:
+        reasons.append(f"EFFECTIVE_BATCH_SIZE={effective} is not a multiple of micro-batch x "
+                       f"ranks: {per_device * accumulation * ranks} is used")
     return Plan(per_device, accumulation, pred, reasons)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from vqa import distributed
 from vqa.config import Config
 
 
@@ -100,14 +101,15 @@ def load_model(config: Config, *, for_training: bool):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-        kwargs["device_map"] = {"": 0}
+        # Each rank holds its own quantized copy on its own GPU (DDP).
+        kwargs["device_map"] = {"": distributed.world().local_rank}
     model_id = config.resolved_model_id
     try:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_id, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(_missing_model_message(model_id, exc)) from None
     if not uses_4bit(config):
-        model.to(device)
+        model.to(f"cuda:{distributed.world().local_rank}" if device == "cuda" else device)
     model.config.use_cache = not for_training
     return model
 

@@ -87,13 +87,14 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
                  mode: str = "score", max_new_tokens: int = 16, blank_images: bool = False,
                  desc: str = "predict",
                  on_batch: Callable[[dict[str, str], dict[str, str]], None] | None = None,
-                 ) -> Predictions:
+                 shard: tuple[int, int] = (0, 1)) -> Predictions:
     """Answers every row exactly once; `on_batch` receives each finished batch's answers and
     the ids among them asked as text only (image unreadable) with the reason.
 
     A batch that runs out of GPU memory is split in two and retried, down to one row; later
     batches (shorter: rows run longest first) keep the smaller size. A row whose image cannot be
-    read is asked without it. Nothing is skipped.
+    read is asked without it. Nothing is skipped. `shard=(rank, world)` answers only this
+    rank's whole batches (vqa/distributed.py).
     """
     collate = VQACollator(processor, Path(data_dir), train=False, blank_images=blank_images)
     result = Predictions(text_only=collate.text_only)
@@ -141,20 +142,27 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
                         len(chunk) - half)
             return min(answer_with_backoff(chunk[:half]), answer_with_backoff(chunk[half:]))
 
-    with tqdm(total=len(rows), desc=desc, unit="row", leave=False) as bar:
-        start = 0
-        while start < len(order):
-            chunk = [rows[i] for i in order[start:start + batch_size]]
-            batch_size = min(batch_size, answer_with_backoff(chunk))
-            if on_batch is not None:
-                ids = [row["id"] for row in chunk]
-                on_batch({i: result.answers[i] for i in ids},
-                         {i: collate.text_only[i] for i in ids if i in collate.text_only})
-            if _FAULT_SLEEP:  # fault injection for tests: a slow batch leaves time to kill
-                time.sleep(_FAULT_SLEEP)
-            bar.update(len(chunk))
-            start += len(chunk)
-    missing = [r["id"] for r in rows if r["id"] not in result.answers]
+    # The single-process plan: length-sorted rows cut into batches. With several ranks each
+    # takes every world-th batch whole, so a row meets the same batch as in one process.
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rank, world = shard
+    mine = [[rows[i] for i in batch] for batch in batches[rank::world]]
+    size = batch_size
+    with tqdm(total=sum(map(len, mine)), desc=desc, unit="row", leave=False) as bar:
+        for batch in mine:
+            start = 0
+            while start < len(batch):
+                chunk = batch[start:start + size]
+                size = min(size, answer_with_backoff(chunk))
+                if on_batch is not None:
+                    ids = [row["id"] for row in chunk]
+                    on_batch({i: result.answers[i] for i in ids},
+                             {i: collate.text_only[i] for i in ids if i in collate.text_only})
+                if _FAULT_SLEEP:  # fault injection for tests: a slow batch leaves time to kill
+                    time.sleep(_FAULT_SLEEP)
+                bar.update(len(chunk))
+                start += len(chunk)
+    missing = [r["id"] for batch in mine for r in batch if r["id"] not in result.answers]
     if missing:  # a bug, never a data problem
         raise RuntimeError(f"{len(missing)} row(s) left unanswered, first {missing[0]}")
     return result

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 
+from vqa import distributed
 from vqa.config import Config
 from vqa.data import read_table
 from vqa.io import file_fingerprint, write_json_atomic
-from vqa.journal import PredictionJournal
+from vqa.journal import PredictionJournal, journal_path, read_all
 from vqa.memory import plan_batch_sizes
 from vqa.model import load_for_inference, load_processor
 from vqa.predict import predict_rows
@@ -38,24 +39,36 @@ def text_only_rows(test, text_only: dict[str, str]) -> list[dict]:
 
 
 def submit(config: Config) -> dict:
+    """Predicts the test rows not yet journalled and writes the validated submission.
+
+    Under NPROC > 1 every rank answers its share of whole batches into its own journal; rank 0
+    then merges all journals, validates and writes submission.csv.
+    """
+    here = distributed.init()
     test = read_table(config.data_dir / "test.csv", with_answer=False)
     order = submission_order(test, config.data_dir)
     processor = load_processor(config)
     model, source = load_for_inference(config, config.artifacts_dir / "lora_adapter")
-    log.info("predicting %d test rows with %s, INFER_MODE=%s", len(test), source,
-             config.infer_mode)
+    log.info("predicting %d test rows with %s, INFER_MODE=%s, %d rank(s)", len(test), source,
+             config.infer_mode, here.size)
     batch = plan_batch_sizes(config).pred_batch_size
-    journal = PredictionJournal(config.artifacts_dir / "predictions.journal.jsonl",
-                                run_signature(config))
-    done = journal.load()
+    signature = run_signature(config)
+    main_journal = config.artifacts_dir / "predictions.journal.jsonl"
+    journal = PredictionJournal(journal_path(main_journal, here.rank), signature)
+    journal.load()  # each rank tidies its own journal (another run's is set aside)
+    distributed.barrier()
+    done, _ = read_all(main_journal, signature)
     rows = [r for r in test.to_dict("records") if r["id"] not in done]
     if done:
-        log.info("resuming: %d of %d test rows already predicted (%s)", len(test) - len(rows),
-                 len(test), journal.path)
+        log.info("resuming: %d of %d test rows already predicted (%s)", len(done), len(test),
+                 main_journal)
     result = predict_rows(model, processor, rows, config.data_dir, batch_size=batch,
                           mode=config.infer_mode, max_new_tokens=config.max_new_tokens,
-                          desc="submit", on_batch=journal.append)
-    answers = {**done, **result.answers}  # the signature pins test.csv: done ids are test ids
+                          desc="submit", on_batch=journal.append, shard=(here.rank, here.size))
+    distributed.barrier()
+    if not here.is_main:
+        return {}
+    answers, text_only = read_all(main_journal, signature)
     path = config.artifacts_dir / "submission.csv"
     frame = write_submission(path, answers, order)
     report = {
@@ -64,19 +77,20 @@ def submit(config: Config) -> dict:
         "rows": len(frame),
         "answer_counts": frame["answer"].value_counts().sort_index().to_dict(),
         "pred_batch_size": batch,
-        "resumed_rows": len(test) - len(rows),
+        "world_size": here.size,
+        "resumed_rows": len(done),
         "out_of_memory_splits": result.oom_splits,
         "unparsed_generations_resolved_by_scoring": len(result.unparsed),
         "unparsed_ids": result.unparsed[:50],
-        "text_only_rows": text_only_rows(test, journal.text_only),
+        "text_only_rows": text_only_rows(test, text_only),
         "submission": str(path),
     }
     write_json_atomic(config.artifacts_dir / "submit_report.json", report)
-    if journal.text_only:
-        first = next(iter(journal.text_only.items()))
+    if text_only:
+        first = next(iter(text_only.items()))
         log.warning("%d test row(s) had an unreadable image and were answered from the text "
                     "alone (listed in submit_report.json); first: id %s: %s",
-                    len(journal.text_only), *first)
+                    len(text_only), *first)
     if result.unparsed:
         log.info("%d generated answer(s) held no option letter and were scored instead",
                  len(result.unparsed))

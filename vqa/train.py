@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqa import distributed
 from vqa.config import Config
 from vqa.data import (
     LETTERS,
@@ -167,8 +168,14 @@ def backoff_trainer_class():
                 return even_sizes(rows, self.piece_rows)
             return [rows]
 
-        def _run_pieces(self, model, inputs, num_items_in_batch):
-            """Runs a micro-batch as pieces whose gradients add up to the micro-batch's own."""
+        def _run_pieces(self, model, inputs, num_items_in_batch, replay: bool = False):
+            """Runs a micro-batch as pieces whose gradients add up to the micro-batch's own.
+
+            Under DDP only the last piece of the micro-batch that ends an accumulation window
+            synchronises gradients (once, as without pieces); replays never do.
+            """
+            import contextlib
+
             sizes = self._sizes(inputs)
             # Trainer divides the summed loss by num_items_in_batch only when the model takes
             # loss kwargs; otherwise each piece's mean is weighted by its share of the labels.
@@ -176,14 +183,16 @@ def backoff_trainer_class():
             labelled = (inputs["labels"][:, 1:] != -100).sum(1)
             total, start = 0.0, 0
             try:
-                for piece in split_batch(inputs, sizes):
+                for n, piece in enumerate(split_batch(inputs, sizes)):
                     rows = piece["input_ids"].shape[0]
+                    quiet = hasattr(model, "no_sync") and (replay or n < len(sizes) - 1)
                     if len(sizes) > 1 and not summed:
                         share = labelled[start:start + rows].sum() / labelled.sum()
                         self._piece_weight = float(share)
                     self._piece_ids = piece.get("row_ids", [])
                     self.faults.before_forward(rows)
-                    total = total + super().training_step(model, piece, num_items_in_batch)
+                    with model.no_sync() if quiet else contextlib.nullcontext():
+                        total = total + super().training_step(model, piece, num_items_in_batch)
                     start += rows
             finally:
                 self._piece_weight = 1.0
@@ -214,7 +223,7 @@ def backoff_trainer_class():
                 model.zero_grad(set_to_none=True)
                 try:
                     for earlier, items in self._window:
-                        self._run_pieces(model, self._prepare_inputs(earlier), items)
+                        self._run_pieces(model, self._prepare_inputs(earlier), items, replay=True)
                     return self._run_pieces(model, inputs, num_items_in_batch)
                 except torch.cuda.OutOfMemoryError as again:
                     error = again
@@ -269,8 +278,8 @@ def _checkpoint_to_resume(checkpoints: Path, signature: dict) -> str | None:
     """The newest checkpoint of the same run, if any; checkpoints of another run are set aside."""
     stamp = checkpoints / "train_signature.json"
     found = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    if found and stamp.is_file() and json.loads(stamp.read_text()) == signature:
-        return str(found[-1])
+    if stamp.is_file() and json.loads(stamp.read_text()) == signature:
+        return str(found[-1]) if found else None
     if checkpoints.exists():
         stale = checkpoints.with_name(f"checkpoints.stale-{int(time.time())}")
         checkpoints.rename(stale)
@@ -298,22 +307,29 @@ def train(config: Config, per_device_batch: int) -> dict:
             log.info("already trained with these settings (%s); RETRAIN=1 trains again",
                      metrics_path)
             return previous
-    resume = _checkpoint_to_resume(artifacts / "checkpoints", signature)
+    here = distributed.init()
+    # Rank 0 sets stale checkpoints aside first; the other ranks then only read.
+    if here.is_main:
+        resume = _checkpoint_to_resume(artifacts / "checkpoints", signature)
+    distributed.barrier()
+    if not here.is_main:
+        resume = _checkpoint_to_resume(artifacts / "checkpoints", signature)
     if resume:
         log.info("resuming from %s", resume)
     train_rows, val_rows, skipped = split_rows(config)
     processor = load_processor(config)
     model = attach_lora(load_model(config, for_training=True), config)
     trainable, total = model.get_nb_trainable_parameters()
-    accumulation = gradient_accumulation(config, per_device_batch)
+    accumulation = gradient_accumulation(config, per_device_batch, here.size)
     device, dtype = device_and_dtype()
-    log.info("train rows %d, validation sample %d; micro-batch %d x accumulation %d = %d; "
-             "trainable %d of %d parameters (%.2f%%) on %s",
-             len(train_rows), len(val_rows), per_device_batch, accumulation,
-             per_device_batch * accumulation, trainable, total, 100 * trainable / total, device)
+    log.info("train rows %d, validation sample %d; micro-batch %d x accumulation %d x %d "
+             "rank(s) = %d; trainable %d of %d parameters (%.2f%%) on %s",
+             len(train_rows), len(val_rows), per_device_batch, accumulation, here.size,
+             per_device_batch * accumulation * here.size, trainable, total,
+             100 * trainable / total, device)
 
     preprocess, compute_metrics = letter_metrics(letter_token_ids(processor.tokenizer))
-    steps_per_epoch = math.ceil(len(train_rows) / (per_device_batch * accumulation))
+    steps_per_epoch = math.ceil(len(train_rows) / (per_device_batch * accumulation * here.size))
     args = TrainingArguments(
         output_dir=str(artifacts / "checkpoints"),
         per_device_train_batch_size=per_device_batch,
@@ -339,6 +355,7 @@ def train(config: Config, per_device_batch: int) -> dict:
         remove_unused_columns=False,
         dataloader_num_workers=config.dataloader_workers,
         report_to=[],
+        ddp_find_unused_parameters=False,  # every LoRA module sees every row (one image each)
         seed=config.seed,
         data_seed=config.seed,
         disable_tqdm=False,
@@ -358,13 +375,6 @@ def train(config: Config, per_device_batch: int) -> dict:
     result = trainer.train(resume_from_checkpoint=resume)
     best = trainer.evaluate()  # the best checkpoint, reloaded by load_best_model_at_end
 
-    adapter_dir = artifacts / "lora_adapter"
-    partial = artifacts / "lora_adapter.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    partial.rename(adapter_dir)
-
     history = trainer.state.log_history
     metrics = {
         "signature": signature,
@@ -372,15 +382,17 @@ def train(config: Config, per_device_batch: int) -> dict:
         "train_rows": len(train_rows),
         "skipped_train_rows": skipped,
         "val_sample_rows": len(val_rows),
+        "world_size": here.size,
         "per_device_batch": per_device_batch,
         "gradient_accumulation": accumulation,
-        "effective_batch_size": per_device_batch * accumulation,
+        "effective_batch_size": per_device_batch * accumulation * here.size,
         "optimizer_steps": trainer.state.global_step,
         "epochs_run": trainer.state.epoch,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "best_val_accuracy": best.get("eval_accuracy"),
         "best_val_metrics": best,
         "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "device": device,
@@ -388,6 +400,15 @@ def train(config: Config, per_device_batch: int) -> dict:
         "quantized_4bit": any(type(m).__name__ == "Linear4bit" for m in model.modules()),
         "log_history": history,
     }
+    if not here.is_main:  # rank 0 saves the adapter and the reports, once
+        return metrics
+    adapter_dir = artifacts / "lora_adapter"
+    partial = artifacts / "lora_adapter.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    partial.rename(adapter_dir)
+
     write_json_atomic(metrics_path, metrics)
     plot_curves(history, artifacts / "train_curve.png")
     return metrics
