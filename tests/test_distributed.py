@@ -1,6 +1,7 @@
 """NPROC=2 on CPU: torchrun starts two ranks (gloo backend) for train and submit."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,8 +11,11 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
-       "NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+# GPU and NCCL settings of the host (e.g. NVLink multicast switched off) reach the ranks.
+ENV = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT)),
+       "HF_HUB_OFFLINE": "1", "NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       **{k: v for k, v in os.environ.items()
+          if k.startswith(("NCCL_", "TORCH_", "NVSHMEM_", "CUDA_"))}}
 
 
 @pytest.fixture(scope="module")

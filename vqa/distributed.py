@@ -63,8 +63,11 @@ def init() -> World:
     here = world()
     if here.size > 1 and not torch.distributed.is_initialized():
         if torch.cuda.is_available():
-            torch.cuda.set_device(here.local_rank)
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            device = torch.device("cuda", here.local_rank)
+            torch.cuda.set_device(device)
+            torch.distributed.init_process_group("nccl", device_id=device)
+        else:
+            torch.distributed.init_process_group("gloo")
     return here
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from vqa import distributed
 from vqa.config import Config
@@ -62,10 +63,12 @@ def submit(config: Config) -> dict:
     if done:
         log.info("resuming: %d of %d test rows already predicted (%s)", len(done), len(test),
                  main_journal)
+    started = time.perf_counter()
     result = predict_rows(model, processor, rows, config.data_dir, batch_size=batch,
                           mode=config.infer_mode, max_new_tokens=config.max_new_tokens,
                           desc="submit", on_batch=journal.append, shard=(here.rank, here.size))
     distributed.barrier()
+    predict_seconds = time.perf_counter() - started
     if not here.is_main:
         return {}
     answers, text_only = read_all(main_journal, signature)
@@ -79,6 +82,8 @@ def submit(config: Config) -> dict:
         "pred_batch_size": batch,
         "world_size": here.size,
         "resumed_rows": len(done),
+        "predict_seconds": round(predict_seconds, 3),
+        "seconds_per_row": round(predict_seconds / len(rows), 5) if rows else None,
         "out_of_memory_splits": result.oom_splits,
         "unparsed_generations_resolved_by_scoring": len(result.unparsed),
         "unparsed_ids": result.unparsed[:50],

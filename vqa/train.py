@@ -231,6 +231,35 @@ def backoff_trainer_class():
     return BackoffTrainer
 
 
+def step_timer():
+    """A Trainer callback that times every optimizer step (steady-state throughput)."""
+    import time as clock
+
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds: list[float] = []
+            self._last = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self._last is None:
+                self._last = clock.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = clock.perf_counter()
+            self.seconds.append(now - self._last)
+            self._last = now
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            self._last = None  # evaluation and checkpoints are not training steps
+
+        def on_save(self, args, state, control, **kwargs):
+            self._last = None
+
+    return StepTimer()
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -360,6 +389,11 @@ def train(config: Config, per_device_batch: int) -> dict:
         data_seed=config.seed,
         disable_tqdm=False,
     )
+    if here.size == 1 and args.n_gpu > 1:
+        # One process drives one GPU. Left alone, Trainer would multiply the micro-batch by
+        # the GPUs it sees (DataParallel) and silently double EFFECTIVE_BATCH_SIZE; NPROC=2 is
+        # the way to use two.
+        args._n_gpu = 1
     trainer = backoff_trainer_class()(
         model=model,
         args=args,
@@ -368,7 +402,8 @@ def train(config: Config, per_device_batch: int) -> dict:
         data_collator=VQACollator(processor, config.data_dir, train=True),
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess,
-        callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience)],
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
+                   timer := step_timer()],
         remedy=(f"lower MAX_PIXELS (now {config.max_pixels or 'the processor default'}; each "
                 f"halving halves the image tokens) or use a card with more memory"),
     )
@@ -376,6 +411,8 @@ def train(config: Config, per_device_batch: int) -> dict:
     best = trainer.evaluate()  # the best checkpoint, reloaded by load_best_model_at_end
 
     history = trainer.state.log_history
+    steady = timer.seconds[1:] or timer.seconds
+    step_seconds = float(np.median(steady)) if steady else None
     metrics = {
         "signature": signature,
         "resumed_from": resume,
@@ -393,6 +430,12 @@ def train(config: Config, per_device_batch: int) -> dict:
         "best_val_metrics": best,
         "train_runtime_s": result.metrics.get("train_runtime"),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        # Steady state: the median optimizer step, the first (warm-up) left out.
+        "median_step_seconds": step_seconds,
+        "steady_samples_per_second": (per_device_batch * accumulation * here.size / step_seconds
+                                      if step_seconds else None),
+        "peak_reserved_gib_rank0": (torch.cuda.max_memory_reserved() / 2**30
+                                    if torch.cuda.is_available() else None),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "device": device,

@@ -1,0 +1,116 @@
+"""Real-size Qwen2.5-VL models with random weights, and synthetic data, for GPU benchmarks.
+
+Memory and speed depend on the architecture, not on the weight values, so a benchmark builds a
+model from the published shapes (architectures.json, from the checkpoints' config.json) with
+random weights, saves it with `save_pretrained`, and then runs the product's own
+`from_pretrained` path (4-bit included) on it. The tokenizer is the embedded default's (trained
+locally); its token ids sit inside the real vocabulary, whose full size the model keeps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+
+from vqa import tiny
+
+
+def architectures() -> dict:
+    return json.loads(resources.files("vqa").joinpath("architectures.json").read_text())
+
+
+# A Korean question of typical length, and options like a competition's.
+KOREAN_QUESTION = "이 사진에서 가장 눈에 띄는 물체의 색깔과 모양을 고려할 때, 다음 중 올바른 설명은 무엇입니까?"
+OPTIONS = ["빨간색 원", "파란색 삼각형", "초록색 사각형", "노란색 별"]
+
+
+def real_size_config(model_name: str, tokenizer):
+    """Qwen2_5_VLConfig with the published shapes of `model_name` and the tokenizer's ids."""
+    from transformers import Qwen2_5_VLConfig
+
+    table = architectures()
+    common, shapes = table["common"], table["models"][model_name]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.QWEN_SPECIAL_TOKENS}
+    vision = dict(common["vision_config"])
+    vision["in_channels"] = vision.pop("in_chans")
+    vision["out_hidden_size"] = shapes["vision_out_hidden_size"]
+    text = dict(
+        hidden_size=shapes["hidden_size"], intermediate_size=shapes["intermediate_size"],
+        num_hidden_layers=shapes["num_hidden_layers"],
+        num_attention_heads=shapes["num_attention_heads"],
+        num_key_value_heads=shapes["num_key_value_heads"], vocab_size=shapes["vocab_size"],
+        hidden_act=common["hidden_act"], rms_norm_eps=common["rms_norm_eps"],
+        max_position_embeddings=common["max_position_embeddings"],
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        rope_parameters={"rope_type": "default", "rope_theta": common["rope_theta"],
+                         "mrope_section": common["rope_scaling"]["mrope_section"]},
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=shapes["tie_word_embeddings"],
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
+def build_random_model(model_name: str, folder: Path, seed: int = 0) -> Path:
+    """Random-init `model_name` in bf16 on the GPU, saved with its processor into `folder`."""
+    from transformers import (
+        GenerationConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    corpus = [f"{KOREAN_QUESTION}\n" + "\n".join(f"{l}. {o}" for l, o in zip("ABCD", OPTIONS))]
+    tokenizer = tiny.train_tokenizer(corpus * 20 + ["what is the color of the shape?"] * 20)
+    preprocessor = architectures()["common"]["preprocessor"]
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=preprocessor["min_pixels"],
+                                              max_pixels=preprocessor["max_pixels"]),
+        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+        chat_template=tiny.QWEN_VL_CHAT_TEMPLATE)
+    config = real_size_config(model_name, tokenizer)
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    text = config.text_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
+        pad_token_id=text.pad_token_id, do_sample=False)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return folder
+
+
+def write_synthetic_data(folder: Path, train_rows: int, test_rows: int,
+                         size: tuple[int, int] = (448, 448), seed: int = 0) -> Path:
+    """train.csv/test.csv in the contract over random-noise images of `size` (width, height)."""
+    rng = random.Random(seed)
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in range(train_rows + test_rows):
+        path = f"images/{n}.png"
+        pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(seed + n)).numpy()
+        Image.fromarray(pixels).save(folder / path)
+        options = rng.sample(OPTIONS, 4)
+        rows.append({"id": f"r{n:05d}", "path": path, "question": KOREAN_QUESTION,
+                     "a": options[0], "b": options[1], "c": options[2], "d": options[3],
+                     "answer": "abcd"[n % 4]})
+    frame = pd.DataFrame(rows)
+    frame.iloc[:train_rows].to_csv(folder / "train.csv", index=False)
+    frame.iloc[train_rows:].drop(columns=["answer"]).to_csv(folder / "test.csv", index=False)
+    return folder
