@@ -6,10 +6,12 @@ from vqa.config import Config
 
 
 def stage(config: Config) -> None:
-    from vqa.memory import plan_batch_sizes
+    from vqa.model import load_processor
+    from vqa.preflight import plan_run
     from vqa.train import train
 
-    train(config, plan_batch_sizes(config).per_device_batch)
+    plan = plan_run(config, load_processor(config), train_csv=True)
+    train(config, plan.per_device_batch)
 
 
 if __name__ == "__main__":

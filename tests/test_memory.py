@@ -47,3 +47,159 @@ def test_plan_respects_user_settings_and_keeps_the_effective_batch():
     assert auto.per_device_batch * auto.gradient_accumulation == 16
     odd = plan_batch_sizes(load_config(["EFFECTIVE_BATCH_SIZE=24"], environ={}))
     assert odd.per_device_batch * odd.gradient_accumulation == 24
+
+
+# ---------------------------------------------------------------------------------------------
+# The peak-VRAM model
+
+from vqa.memory import (  # noqa: E402
+    GIB,
+    PLAN_MARGIN,
+    REFERENCE_PEAKS,
+    Architecture,
+    Workload,
+    architecture_for,
+    budget_for,
+    infer_peak,
+    parse_memory,
+    train_peak,
+)
+
+SEVEN_B = "Qwen/Qwen2.5-VL-7B-Instruct"
+THREE_B = "Qwen/Qwen2.5-VL-3B-Instruct"
+TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def _arch(model_id: str) -> Architecture:
+    return architecture_for(load_config([f"MODEL_ID={model_id}"],
+                                        environ={"HF_HUB_OFFLINE": "1"}))[0]
+
+
+def test_architecture_counts_match_the_real_module_tree(tiny_model_dir):
+    """Linear weights (what bitsandbytes quantizes), embeddings and LoRA parameters, counted from
+    config.json alone, equal what transformers and peft build."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    arch, source = architecture_for(load_config([f"MODEL_ID={tiny_model_dir}"], environ={}))
+    assert source.endswith("config.json")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir)
+    linears = sum(m.weight.numel() for name, m in model.named_modules()
+                  if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head"))
+    assert arch.linear_params == linears
+    embeddings = {id(p): p.numel() for p in (model.get_input_embeddings().weight,
+                                             model.get_output_embeddings().weight)}
+    assert arch.embedding_params == sum(embeddings.values())
+    peft_model = get_peft_model(model, LoraConfig(r=8, target_modules=TARGETS.split(",")))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert arch.lora_params(8, TARGETS) == trainable
+
+
+def test_published_3b_lora_count_is_the_one_training_reported():
+    # `make bench-gpus` on the 3B logged "trainable 74305536 of 3828928512 parameters".
+    assert _arch(THREE_B).lora_params(32, TARGETS) == 74_305_536
+    assert _arch(SEVEN_B).tied is False and _arch(THREE_B).tied is True
+
+
+@pytest.mark.parametrize("model_id, work, batch, length, visual, quant, allocated, reserved",
+                         REFERENCE_PEAKS)
+def test_every_measured_reference_peak_is_predicted_within_10_percent(
+        model_id, work, batch, length, visual, quant, allocated, reserved):
+    arch = _arch(model_id)
+    if work == "train":
+        estimate = train_peak(arch, tokens=batch * length, patches=batch * 4 * visual,
+                              quant=quant)
+    else:
+        estimate = infer_peak(arch, batch=batch, tokens=batch * length,
+                              patches=batch * 4 * visual, mode=work, quant=quant)
+    assert abs(estimate.reserved / GIB / reserved - 1) <= 0.10
+    if allocated is not None:
+        assert abs(estimate.allocated / GIB / allocated - 1) <= 0.10
+    assert estimate.reserved >= estimate.allocated
+    assert abs(sum(estimate.terms.values()) - estimate.reserved) < 1  # the terms add up
+
+
+def test_peak_grows_with_batch_length_and_image_size():
+    arch = _arch(SEVEN_B)
+    train = [train_peak(arch, tokens=b * s, patches=b * 4 * v).reserved
+             for b, s, v in [(1, 370, 256), (2, 370, 256), (2, 1113, 999), (4, 1113, 999)]]
+    assert train == sorted(train) and len(set(train)) == 4
+    for mode in ("score", "generate"):
+        infer = [infer_peak(arch, batch=b, tokens=b * s, patches=b * 4 * v, mode=mode).reserved
+                 for b, s, v in [(1, 370, 256), (8, 370, 256), (8, 1113, 999)]]
+        assert infer == sorted(infer) and len(set(infer)) == 3
+    # closed form: the 4-bit weights are half a byte a weight plus the quantization state
+    weights = train_peak(arch, tokens=0, patches=0).terms["base weights (4-bit NF4)"]
+    assert weights == pytest.approx(arch.linear_params * (0.5 + 1 / 64 + 4 / 16384))
+    bf16 = train_peak(arch, tokens=0, patches=0, quant="none").terms["base weights (bf16)"]
+    assert bf16 == arch.linear_params * 2
+
+
+@pytest.mark.parametrize("text, expected", [("24GiB", 24 * GIB), ("24 gb", 24 * 10**9),
+                                            ("23028MiB", 23028 * 2**20), ("16", 16 * GIB)])
+def test_memory_sizes_parse(text, expected):
+    assert parse_memory(text) == expected
+
+
+def test_unknown_target_card_or_memory_is_one_line():
+    from vqa.config import ConfigError
+
+    with pytest.raises(ValueError, match="TARGET_GPU='B300X'.*known: A10G"):
+        budget_for(load_config(["TARGET_GPU=B300X"], environ={}), None)
+    with pytest.raises(ConfigError, match="TARGET_GPU_MEMORY='lots'"):
+        load_config(["TARGET_GPU_MEMORY=lots"], environ={})
+    a10g = budget_for(load_config(["TARGET_GPU=a10g"], environ={}), None)
+    assert a10g.name.startswith("TARGET_GPU=A10G") and a10g.usable_bytes < 23028 * 2**20
+
+
+def _work(visual: int, length: int, rows: int = 64) -> Workload:
+    return Workload([length] * rows, [visual] * rows, [length] * rows, [visual] * rows)
+
+
+def _plan(settings: list[str], work: Workload, model_id: str = SEVEN_B):
+    config = load_config(settings, environ={})
+    return plan_batch_sizes(config, None, _arch(model_id), work), config
+
+
+@pytest.mark.parametrize("card", ["A10G", "L4", "T4", "A100-40GB", "H100-80GB"])
+def test_planner_picks_the_largest_batches_that_fit_each_card(card):
+    plan, config = _plan([f"TARGET_GPU={card}"], _work(256, 370))
+    limit = plan.budget["planned_gib"]
+    assert plan.verdict == "fits" and not plan.blocking
+    train = {c["batch"]: c["reserved_gib"] for c in plan.candidates if c["work"] == "train"}
+    assert train[plan.per_device_batch] <= limit
+    larger = [b for b in train if b > plan.per_device_batch]
+    assert all(train[b] > limit for b in larger)  # the next divisor would not fit
+    assert plan.per_device_batch * plan.gradient_accumulation == 16
+    assert plan.predict_peak["reserved_gib"] <= limit
+    assert plan.train_peak["reserved_gib"] == train[plan.per_device_batch]
+
+
+def test_planner_batches_follow_the_card_and_the_images():
+    small = {card: _plan([f"TARGET_GPU={card}"], _work(256, 370))[0]
+             for card in ("T4", "A10G", "H100-80GB")}
+    assert (small["T4"].per_device_batch <= small["A10G"].per_device_batch
+            <= small["H100-80GB"].per_device_batch)
+    assert small["T4"].pred_batch_size < small["H100-80GB"].pred_batch_size
+    big = _plan(["TARGET_GPU=A10G"], _work(2500, 2614))[0]
+    assert big.per_device_batch < small["A10G"].per_device_batch
+    assert big.pred_batch_size < small["A10G"].pred_batch_size
+
+
+def test_an_override_that_will_not_fit_is_warned_with_its_predicted_peak():
+    plan, _ = _plan(["TARGET_GPU=A10G", "PER_DEVICE_BATCH=16"], _work(2500, 2614))
+    assert plan.per_device_batch == 16 and "set by the user" in " ".join(plan.reasons)
+    assert plan.warnings and plan.warnings[0].startswith("PER_DEVICE_BATCH=16 is predicted to need")
+
+
+def test_nothing_fits_says_will_run_out_of_memory():
+    plan, _ = _plan(["TARGET_GPU=T4"], _work(16384, 16500))
+    assert plan.verdict == "will run out of memory"
+    assert plan.blocking[0].startswith("training at micro-batch 1 is predicted to peak at")
+
+
+def test_cpu_plan_is_unchanged_without_a_target():
+    plan = plan_batch_sizes(load_config([], environ={}), None, _arch(SEVEN_B), _work(4, 60))
+    assert plan.verdict == "CPU run" and plan.budget is None
+    assert PLAN_MARGIN == 0.10

@@ -47,3 +47,71 @@ def test_mostly_unreadable_training_images_block_with_one_line(small_data, tiny_
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("vqa preflight: blocked: only 3 of 8 training images are usable")
     assert last.endswith("is DATA_DIR right?")
+
+
+def _target_config(data, artifacts, *settings):
+    return load_config([f"DATA_DIR={data}", f"ARTIFACTS_DIR={artifacts}",
+                        "MODEL_ID=Qwen/Qwen2.5-VL-7B-Instruct", *settings], environ={})
+
+
+def test_a10g_plan_for_the_7b_from_the_package_table_when_the_hub_is_unreachable(
+        small_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    Image.new("RGB", (1024, 768), (0, 0, 255)).save(small_data / "images" / "0.png")
+    code = run_preflight(_target_config(small_data, tmp_path / "a", "TARGET_GPU=A10G"))
+    out = capsys.readouterr().out
+    assert code == 0 and "vqa preflight: runnable (fits on TARGET_GPU=A10G" in out
+    report = json.loads((tmp_path / "a" / "preflight.json").read_text())
+    assert report["architecture_source"].startswith("the package's table")
+    assert "text tokens estimated" in report["measured_with"]
+    assert report["data"]["longest_rows"][0] == {"id": "tr0", "width": 1024, "height": 768,
+                                                 "visual_tokens": 999,
+                                                 "length": report["data"]["longest_rows"][0]
+                                                 ["length"]}
+    plan = report["plan"]
+    assert plan["budget"]["name"].startswith("TARGET_GPU=A10G")
+    assert plan["train_peak"]["reserved_gib"] <= plan["budget"]["planned_gib"]
+    assert plan["per_device_batch"] * plan["gradient_accumulation"] == 16
+    markdown = (tmp_path / "a" / "preflight.md").read_text()
+    assert "**fits on TARGET_GPU=A10G" in markdown and "| train | 1 |" in markdown
+    assert f"PER_DEVICE_BATCH={plan['per_device_batch']} PRED_BATCH_SIZE=" in markdown
+
+
+def test_images_too_large_for_the_card_block_and_name_the_max_pixels_that_fit(
+        small_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    Image.new("RGB", (4000, 3000), (0, 0, 255)).save(small_data / "images" / "0.png")
+    code = run_preflight(_target_config(small_data, tmp_path / "b", "TARGET_GPU=T4"))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert code == 2
+    assert last.startswith("vqa preflight: blocked: training at micro-batch 1 is predicted to "
+                           "peak at")
+    suggested = json.loads((tmp_path / "b" / "preflight.json").read_text())[
+        "plan"]["suggested_max_pixels"]
+    assert last.endswith(f"set MAX_PIXELS={suggested}") and suggested % 784 == 0
+    # With the suggestion the same data is runnable on the same card.
+    code = run_preflight(_target_config(small_data, tmp_path / "c", "TARGET_GPU=T4",
+                                        f"MAX_PIXELS={suggested}"))
+    assert code == 0
+    report = json.loads((tmp_path / "c" / "preflight.json").read_text())
+    assert report["memory_verdict"] == "fits"
+
+
+def test_rows_longer_than_max_sequence_length_get_a_max_pixels_that_fits(small_data, tiny_model_dir,
+                                                                          tmp_path):
+    Image.new("RGB", (1024, 768), (0, 0, 255)).save(small_data / "images" / "0.png")
+    settings = [f"DATA_DIR={small_data}", f"MODEL_ID={tiny_model_dir}", "MAX_SEQUENCE_LENGTH=150",
+                "TARGET_GPU=A10G"]
+    config = load_config([*settings, f"ARTIFACTS_DIR={tmp_path / 'a'}"], environ={})
+    assert run_preflight(config) == 0
+    report = json.loads((tmp_path / "a" / "preflight.json").read_text())
+    assert any(p["id"] == "tr0" and "exceeds MAX_SEQUENCE_LENGTH=150" in p["reason"]
+               for p in report["problems"])
+    suggested = report["plan"]["suggested_max_pixels"]
+    assert suggested and f"MAX_PIXELS={suggested}" in (tmp_path / "a" / "preflight.md").read_text()
+    again = load_config([*settings, f"ARTIFACTS_DIR={tmp_path / 'b'}", f"MAX_PIXELS={suggested}"],
+                        environ={})
+    assert run_preflight(again) == 0
+    report = json.loads((tmp_path / "b" / "preflight.json").read_text())
+    assert report["data"]["train_sequence_length"]["max"] <= 150
+    assert not any("MAX_SEQUENCE_LENGTH" in p["reason"] for p in report["problems"])

@@ -51,6 +51,9 @@ class Config:
     pred_batch_size: int | None = None  # None = the planner's choice
     max_new_tokens: int = 16
     infer_mode: Literal["score", "generate"] = "score"
+    # planning for a card other than the one at hand (preflight's peak-VRAM model)
+    target_gpu: str = ""  # a name from vqa/gpus.json, e.g. A10G, L4, T4, A100-40GB
+    target_gpu_memory: str = ""  # e.g. 24GiB; wins over TARGET_GPU
     # the embedded default
     data_train_rows: int = 3000  # 0 = all of easy-vqa's share for the demo
     data_test_rows: int = 1000  # 0 = all 9,673
@@ -137,6 +140,12 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{knob_name(name)}={value}: must lie in [0, 1)")
     if config.lr <= 0:
         raise ConfigError(f"LR={config.lr}: must be positive")
+    if config.target_gpu_memory:
+        import re
+
+        if not re.fullmatch(r"\s*[0-9.]+\s*(gib|gb|mib|mb|g|m)?\s*", config.target_gpu_memory.lower()):
+            raise ConfigError(f"TARGET_GPU_MEMORY={config.target_gpu_memory!r}: expected e.g. "
+                              f"24GiB, 24GB or 23028MiB")
     if config.min_pixels and config.max_pixels and config.min_pixels > config.max_pixels:
         raise ConfigError(f"MIN_PIXELS={config.min_pixels} exceeds MAX_PIXELS={config.max_pixels}")
     if config.per_device_batch and config.effective_batch_size % (config.per_device_batch

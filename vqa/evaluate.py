@@ -15,9 +15,9 @@ import pandas as pd
 from vqa.config import Config
 from vqa.data import LETTERS, read_table
 from vqa.io import save_figure_atomic, write_json_atomic
-from vqa.memory import plan_batch_sizes
 from vqa.model import load_for_inference, load_processor
 from vqa.predict import accuracy, accuracy_by, predict_rows
+from vqa.preflight import plan_run
 from vqa.train import split_rows
 
 log = logging.getLogger("vqa")
@@ -66,7 +66,7 @@ def evaluate(config: Config) -> dict:
     processor = load_processor(config)
     model, source = load_for_inference(config, adapter)
     log.info("evaluating %s", source)
-    batch = plan_batch_sizes(config).pred_batch_size
+    batch = plan_run(config, processor, predict_csv="train.csv").pred_batch_size
     _, val_rows, _ = split_rows(config)
 
     def run(rows, blank=False, desc="eval"):

@@ -1,14 +1,22 @@
-"""Machine probes (NVML, RAM, disk), the visual-token rule, and batch-size planning.
+"""Machine probes (NVML, RAM, disk), the visual-token rule, the peak-VRAM model, and the planner.
 
-The planner here is deliberately coarse: on CPU memory is no constraint for the embedded model, and
-on a GPU it keeps the reference's proven micro-batch until the calibrated peak-VRAM model lands
-(issue 3). Every choice carries the reason that is printed in the preflight report.
+The peak-VRAM model predicts, from a model's config.json alone, the peak memory PyTorch's caching
+allocator holds (allocated and reserved) for a QLoRA training step and for inference at a given
+batch. Each term is named after what holds the memory; the few coefficients that physics alone
+does not fix (bytes per logit and per vision patch, the allocator's slack) were fitted to peaks
+measured on an H100 with random-init real-size Qwen2.5-VL-3B/7B (the `REFERENCE_PEAKS` below;
+docs/BENCHMARKS.md), where every one of them is predicted within 5%.
+
+The planner picks the largest batches whose predicted peak reserved fits the card with a margin.
+On a CPU run memory is no constraint for the embedded model: it keeps the CPU batches. Every
+choice carries the reason that the preflight report prints.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -120,12 +128,307 @@ def visual_tokens_for(height: int, width: int, *, min_pixels: int, max_pixels: i
     return (h // factor) * (w // factor)
 
 
+# ---------------------------------------------------------------------------------------------
+# The architecture, from config.json alone
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The shapes of a Qwen2.5-VL checkpoint that decide its memory."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+    vision_depth: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_out: int
+    merge: int
+
+    @classmethod
+    def from_config(cls, name: str, config: dict) -> "Architecture":
+        """From a transformers config.json (text fields nested in text_config or flat)."""
+        text = {**config, **(config.get("text_config") or {})}
+        vision = config["vision_config"]
+        return cls(
+            name=name, hidden=text["hidden_size"], intermediate=text["intermediate_size"],
+            layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
+            kv_heads=text.get("num_key_value_heads") or text["num_attention_heads"],
+            vocab=text["vocab_size"], tied=bool(config.get("tie_word_embeddings", False)),
+            vision_depth=vision["depth"], vision_hidden=vision["hidden_size"],
+            vision_intermediate=vision["intermediate_size"],
+            vision_out=vision.get("out_hidden_size") or text["hidden_size"],
+            merge=vision.get("spatial_merge_size", 2))
+
+    def linears(self) -> dict[str, list[tuple[int, int]]]:
+        """(in, out) of every Linear by its module name; bitsandbytes quantizes all of them."""
+        h, kv = self.hidden, self.kv_heads * (self.hidden // self.heads)
+        vh, vi, m = self.vision_hidden, self.vision_intermediate, self.vision_hidden * self.merge ** 2
+        lm = self.layers
+        vd = self.vision_depth
+        return {
+            "q_proj": [(h, h)] * lm, "k_proj": [(h, kv)] * lm, "v_proj": [(h, kv)] * lm,
+            "o_proj": [(h, h)] * lm,
+            "gate_proj": [(h, self.intermediate)] * lm + [(vh, vi)] * vd,
+            "up_proj": [(h, self.intermediate)] * lm + [(vh, vi)] * vd,
+            "down_proj": [(self.intermediate, h)] * lm + [(vi, vh)] * vd,
+            "qkv": [(vh, 3 * vh)] * vd, "proj": [(vh, vh)] * vd,
+            "merger": [(m, m), (m, self.vision_out)],
+        }
+
+    @property
+    def linear_params(self) -> int:
+        return sum(i * o for shapes in self.linears().values() for i, o in shapes)
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embeddings plus lm_head (one matrix when tied): never quantized."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def lora_params(self, r: int, targets: str) -> int:
+        """LoRA A and B matrices on every Linear whose name is a target (the vision tower's
+        MLPs share the language model's names, so the reference targets land there too)."""
+        wanted = {t.strip() for t in targets.split(",") if t.strip()}
+        return sum(r * (i + o) for name, shapes in self.linears().items() if name in wanted
+                   for i, o in shapes)
+
+
+def architecture_for(config: Config) -> tuple[Architecture, str]:
+    """The model's shapes: its config.json when it is a local folder or cached, else the
+    package's table of published configs (no network needed)."""
+    model_id = config.resolved_model_id
+    local = Path(model_id) / "config.json"
+    if local.is_file():
+        return Architecture.from_config(model_id, json.loads(local.read_text())), str(local)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        cached = hf_hub_download(model_id, "config.json", local_files_only=True)
+        return Architecture.from_config(model_id, json.loads(Path(cached).read_text())), cached
+    except Exception:  # noqa: BLE001 - not cached: the published table below
+        pass
+    table = json.loads(resources.files("vqa").joinpath("architectures.json").read_text())
+    if model_id in table["models"]:
+        shapes, common = table["models"][model_id], table["common"]
+        config_json = {
+            "hidden_size": shapes["hidden_size"], "intermediate_size": shapes["intermediate_size"],
+            "num_hidden_layers": shapes["num_hidden_layers"],
+            "num_attention_heads": shapes["num_attention_heads"],
+            "num_key_value_heads": shapes["num_key_value_heads"],
+            "vocab_size": shapes["vocab_size"],
+            "tie_word_embeddings": shapes["tie_word_embeddings"],
+            "vision_config": {**common["vision_config"],
+                              "out_hidden_size": shapes["vision_out_hidden_size"]}}
+        return (Architecture.from_config(model_id, config_json),
+                "the package's table of published configs (vqa/architectures.json)")
+    raise ValueError(f"no config.json for {model_id!r} (not a local folder, not cached, not in "
+                     f"vqa/architectures.json): cannot predict its memory")
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory
+
+# bitsandbytes NF4 with double quantization: 4 bits a weight, an 8-bit absmax per block of 64,
+# and an fp32 second-level absmax per 256 blocks.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+# Fitted to REFERENCE_PEAKS (least squares on relative error, coefficients non-negative).
+TRAIN_BYTES_PER_LOGIT = 6.8  # per vocabulary entry per token row: bf16 logits, fp32 loss, grads
+TRAIN_BYTES_PER_PATCH = 378_000  # the vision tower's saved and recomputed activations
+TRAIN_RESERVED_RATIO = 1.09  # the caching allocator's reserve over allocated in a train step
+INFER_TOKEN_SCALE = 1.36  # x one decoder layer's bf16 activations per token
+SCORE_RESERVED_RATIO = 2.19  # reserve over the transient (non-weight) part, one-pass scoring
+GENERATE_RESERVED_RATIO = 1.55  # the same for generate
+# The CUDA context and kernels outside PyTorch's allocator; subtracted from the card's memory.
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)
+PLAN_MARGIN = 0.10  # the plan keeps the predicted peak this far below the usable memory
+
+# Measured peaks (GiB) the coefficients were fitted to: H100 80 GB, torch 2.11, transformers 5.17,
+# bitsandbytes 0.50.2, random-init real-size models, LoRA r32 on q,k,v,o,gate,up,down, AdamW,
+# bf16 autocast, non-reentrant gradient checkpointing; 448x448 = 256 visual tokens (1,024
+# patches), 1024x768 = 999, 1400x1400 = 2,500. allocated is None where only reserved was read.
+REFERENCE_PEAKS = [
+    # (model, work, batch, sequence length, visual tokens per image, quant, allocated, reserved)
+    ("Qwen/Qwen2.5-VL-7B-Instruct", "train", 2, 370, 256, "4bit", 11.8, 12.9),
+    ("Qwen/Qwen2.5-VL-7B-Instruct", "train", 2, 1113, 999, "4bit", 16.3, 17.4),
+    ("Qwen/Qwen2.5-VL-7B-Instruct", "train", 2, 2614, 2500, "4bit", 25.5, 28.9),
+    ("Qwen/Qwen2.5-VL-7B-Instruct", "train", 8, 370, 256, "4bit", None, 19.3),
+    ("Qwen/Qwen2.5-VL-3B-Instruct", "train", 2, 370, 256, "4bit", 6.4, 6.9),
+    ("Qwen/Qwen2.5-VL-7B-Instruct", "score", 24, 375, 256, "4bit", 8.3, 11.0),
+    ("Qwen/Qwen2.5-VL-7B-Instruct", "score", 24, 375, 256, "none", None, 20.4),
+    ("Qwen/Qwen2.5-VL-7B-Instruct", "generate", 6, 375, 256, "4bit", None, 7.0),
+    ("Qwen/Qwen2.5-VL-7B-Instruct", "generate", 6, 1118, 999, "4bit", None, 9.3),
+    ("Qwen/Qwen2.5-VL-3B-Instruct", "generate", 6, 375, 256, "4bit", None, 3.4),
+]
+
+
+@dataclass
+class Estimate:
+    """A predicted peak, in bytes, with the terms it is made of."""
+
+    allocated: float
+    reserved: float
+    terms: dict[str, float]
+
+    def gib(self) -> dict:
+        return {"allocated_gib": round(self.allocated / GIB, 2),
+                "reserved_gib": round(self.reserved / GIB, 2),
+                "terms_gib": {k: round(v / GIB, 3) for k, v in self.terms.items()}}
+
+
+def _weights(arch: Architecture, quant: str) -> float:
+    per_param = NF4_BYTES_PER_PARAM if quant == "4bit" else 2
+    return arch.linear_params * per_param
+
+
+def train_peak(arch: Architecture, *, tokens: int, patches: int, quant: str = "4bit",
+               lora_r: int = 32, lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,"
+               "up_proj,down_proj") -> Estimate:
+    """One QLoRA step: `tokens` = micro-batch x padded length, `patches` = vision patches of
+    the micro-batch's images (4 per visual token)."""
+    lora = arch.lora_params(lora_r, lora_targets)
+    terms = {
+        "base weights (4-bit NF4)" if quant == "4bit" else "base weights (bf16)":
+            _weights(arch, quant),
+        # prepare_model_for_kbit_training casts what stays unquantized to fp32; bf16 otherwise
+        "embeddings and lm_head": arch.embedding_params * (4 if quant == "4bit" else 2),
+        "autocast's bf16 copy of lm_head": arch.vocab * arch.hidden * 2,
+        "LoRA weights, gradients, AdamW states (fp32)": lora * 16,
+        "dequantized weight buffers": 2 * arch.hidden * arch.intermediate * 2,
+        # fp32 residual stream saved at each checkpointed layer, one layer's MLP recomputed
+        "checkpointed activations": tokens * (4 * arch.layers * arch.hidden
+                                              + 12 * arch.intermediate),
+        "logits and loss": tokens * arch.vocab * TRAIN_BYTES_PER_LOGIT,
+        "vision tower activations": patches * TRAIN_BYTES_PER_PATCH,
+    }
+    allocated = sum(terms.values())
+    terms["allocator reserve"] = allocated * (TRAIN_RESERVED_RATIO - 1)
+    return Estimate(allocated, allocated * TRAIN_RESERVED_RATIO, terms)
+
+
+def infer_peak(arch: Architecture, *, batch: int, tokens: int, patches: int, mode: str,
+               max_new_tokens: int = 16, quant: str = "4bit", lora_r: int = 32,
+               lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+               "down_proj") -> Estimate:
+    """One prediction batch: `tokens` = batch x padded prompt length; `mode` score or generate."""
+    static = {
+        "base weights (4-bit NF4)" if quant == "4bit" else "base weights (bf16)":
+            _weights(arch, quant),
+        "embeddings and lm_head (bf16)": arch.embedding_params * 2,
+        "LoRA weights (fp32)": arch.lora_params(lora_r, lora_targets) * 4,
+        "dequantized weight buffers": 2 * arch.hidden * arch.intermediate * 2,
+    }
+    head_dim = arch.hidden // arch.heads
+    length = tokens / max(batch, 1) + (max_new_tokens if mode == "generate" else 0)
+    transient = {
+        "decoder activations": tokens * INFER_TOKEN_SCALE * 2 * (4 * arch.hidden
+                                                                   + 3 * arch.intermediate),
+        "vision tower activations": patches * 2 * (4 * arch.vision_hidden
+                                                   + 2 * arch.vision_intermediate),
+        "last-position logits (fp32)": batch * arch.vocab * 4,
+    }
+    if mode == "generate":
+        transient["KV cache"] = batch * length * arch.layers * 2 * arch.kv_heads * head_dim * 2
+    ratio = SCORE_RESERVED_RATIO if mode == "score" else GENERATE_RESERVED_RATIO
+    dynamic = sum(transient.values())
+    terms = {**static, **transient, "allocator reserve": dynamic * (ratio - 1)}
+    return Estimate(sum(static.values()) + dynamic, sum(static.values()) + dynamic * ratio, terms)
+
+
+# ---------------------------------------------------------------------------------------------
+# The planner
+
+
+@dataclass
+class Workload:
+    """What the data makes the model do: per usable row, its sequence length (prompt, image
+    tokens and answer) and its visual tokens, under the run's pixel bounds."""
+
+    train_lengths: list[int]
+    train_visual: list[int]
+    test_lengths: list[int]
+    test_visual: list[int]
+
+    @staticmethod
+    def worst_batch(lengths: list[int], visual: list[int], batch: int) -> tuple[int, int]:
+        """(tokens, patches) of the heaviest batch a sampler can form: the `batch` longest rows
+        padded to the longest, with the `batch` largest images."""
+        if not lengths:
+            return 0, 0
+        batch = min(batch, len(lengths))
+        longest = max(lengths)
+        largest = sorted(visual, reverse=True)[:batch]
+        return batch * longest, 4 * sum(largest)
+
+
+@dataclass
+class Budget:
+    name: str
+    usable_bytes: int  # memory PyTorch may reserve: the card's less the CUDA context and others
+
+    @property
+    def limit_bytes(self) -> float:
+        return self.usable_bytes * (1 - PLAN_MARGIN)
+
+
+def parse_memory(text: str) -> int:
+    """'24GiB', '24GB', '24000MiB', '24' (GiB) -> bytes."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9.]+)\s*(gib|gb|mib|mb|g|m)?\s*", text.lower())
+    if not match:
+        raise ValueError(f"TARGET_GPU_MEMORY={text!r}: expected e.g. 24GiB, 24GB or 23028MiB")
+    value, unit = float(match.group(1)), match.group(2) or "gib"
+    scale = {"gib": GIB, "g": GIB, "gb": 10**9, "mib": 2**20, "m": 2**20, "mb": 10**6}[unit]
+    return int(value * scale)
+
+
+def budget_for(config: Config, machine: Machine | None) -> Budget | None:
+    """The memory to plan for: a target card when one is named, else the GPUs found (the least
+    free of those the run uses), else None (a CPU run)."""
+    if config.target_gpu_memory:
+        total = parse_memory(config.target_gpu_memory)
+        return Budget(f"TARGET_GPU_MEMORY={config.target_gpu_memory}", total - CUDA_CONTEXT_BYTES)
+    if config.target_gpu:
+        table = gpu_table()
+        key = next((k for k in table if k.lower() == config.target_gpu.lower()), None)
+        if key is None:
+            raise ValueError(f"TARGET_GPU={config.target_gpu!r}: not in the table; known: "
+                             f"{', '.join(table)} (or set TARGET_GPU_MEMORY=24GiB)")
+        total = table[key]["memory_mib"] * 2**20
+        return Budget(f"TARGET_GPU={key} ({total / GIB:.1f} GiB)", total - CUDA_CONTEXT_BYTES)
+    if machine is not None and machine.gpus:
+        used = machine.gpus[:max(1, config.nproc)]
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Every rank must pick the same batch, and the ranks' own contexts change what is
+            # free while they start: plan all of them on the smallest card's total.
+            gpu = min(used, key=lambda g: g.total_bytes)
+            return Budget(f"GPU {gpu.index} {gpu.name} ({gpu.total_bytes / GIB:.1f} GiB)",
+                          gpu.total_bytes - CUDA_CONTEXT_BYTES)
+        gpu = min(used, key=lambda g: g.free_bytes)
+        return Budget(f"GPU {gpu.index} {gpu.name} ({gpu.free_bytes / GIB:.1f} GiB free of "
+                      f"{gpu.total_bytes / GIB:.1f})", gpu.free_bytes - CUDA_CONTEXT_BYTES)
+    return None
+
+
 @dataclass
 class Plan:
     per_device_batch: int
     gradient_accumulation: int
     pred_batch_size: int
     reasons: list[str]
+    verdict: str = "fits"  # fits | will run out of memory | not planned (CPU)
+    budget: dict | None = None
+    train_peak: dict | None = None
+    predict_peak: dict | None = None
+    candidates: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    blocking: list[str] = field(default_factory=list)
+    suggested_max_pixels: int | None = None
 
 
 def _pick(knob: str, user_value: int | None, default: int, why: str,
@@ -137,25 +440,110 @@ def _pick(knob: str, user_value: int | None, default: int, why: str,
     return default
 
 
-def plan_batch_sizes(config: Config, machine: Machine | None = None) -> Plan:
-    """Batch sizes for train and predict: the user's when set, else a choice with its reason."""
+def _cpu_plan(config: Config, reasons: list[str]) -> tuple[int, int]:
+    # The largest divisor of the effective batch up to 16, so accumulation keeps it exact.
+    effective = config.effective_batch_size
+    cpu_batch = max(d for d in range(1, min(effective, 16) + 1) if effective % d == 0)
+    per_device = _pick("PER_DEVICE_BATCH", config.per_device_batch, cpu_batch,
+                       "CPU run, RAM is no constraint for it", reasons)
+    pred = _pick("PRED_BATCH_SIZE", config.pred_batch_size, 32, "CPU run", reasons)
+    return per_device, pred
+
+
+MAX_PRED_BATCH = 64  # beyond this, scoring throughput no longer grows measurably
+
+
+def _train_estimate(config: Config, arch: Architecture, work: Workload, batch: int) -> Estimate:
+    tokens, patches = Workload.worst_batch(work.train_lengths, work.train_visual, batch)
+    return train_peak(arch, tokens=tokens, patches=patches, quant=config.quant,
+                      lora_r=config.lora_r, lora_targets=config.lora_targets)
+
+
+def _infer_estimate(config: Config, arch: Architecture, work: Workload, batch: int) -> Estimate:
+    tokens, patches = Workload.worst_batch(work.test_lengths, work.test_visual, batch)
+    return infer_peak(arch, batch=min(batch, max(1, len(work.test_lengths))), tokens=tokens,
+                      patches=patches, mode=config.infer_mode,
+                      max_new_tokens=config.max_new_tokens, quant=config.quant,
+                      lora_r=config.lora_r, lora_targets=config.lora_targets)
+
+
+def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget,
+              plan: Plan) -> tuple[int, int]:
+    reasons, limit = plan.reasons, budget.limit_bytes
+    per_rank = config.effective_batch_size // config.nproc
+    train_choices = [b for b in range(1, per_rank + 1) if per_rank % b == 0] or [1]
+    fits_train = [b for b in train_choices
+                  if _train_estimate(config, arch, work, b).reserved <= limit]
+    fits_pred = [b for b in range(1, MAX_PRED_BATCH + 1)
+                 if _infer_estimate(config, arch, work, b).reserved <= limit]
+    plan.candidates = (
+        [{"work": "train", "batch": b, **_train_estimate(config, arch, work, b).gib()}
+         for b in train_choices]
+        + [{"work": config.infer_mode, "batch": b, **_infer_estimate(config, arch, work, b).gib()}
+           for b in (1, 2, 4, 8, 16, 24, 32, 48, 64)])
+    gib = lambda e: f"{e.reserved / GIB:.1f} GiB"  # noqa: E731
+    where = (f"{budget.name}: {budget.usable_bytes / GIB:.1f} GiB usable after the CUDA "
+             f"context, planned to {limit / GIB:.1f} GiB ({PLAN_MARGIN:.0%} margin)")
+    reasons.append(where)
+    per_device = _pick(
+        "PER_DEVICE_BATCH", config.per_device_batch, max(fits_train or [1]),
+        "the largest micro-batch dividing the effective batch whose predicted peak fits"
+        if fits_train else "nothing fits; see the suggested MAX_PIXELS", reasons)
+    pred = _pick("PRED_BATCH_SIZE", config.pred_batch_size, max(fits_pred or [1]),
+                 f"the largest {config.infer_mode} batch (up to {MAX_PRED_BATCH}) whose predicted "
+                 f"peak on the longest test rows fits" if fits_pred else
+                 "nothing fits; see the suggested MAX_PIXELS", reasons)
+    train_estimate = _train_estimate(config, arch, work, per_device)
+    pred_estimate = _infer_estimate(config, arch, work, pred)
+    plan.train_peak, plan.predict_peak = train_estimate.gib(), pred_estimate.gib()
+    reasons.append(f"predicted peak reserved: train {gib(train_estimate)} at micro-batch "
+                   f"{per_device} on its heaviest batch, {config.infer_mode} {gib(pred_estimate)} "
+                   f"at batch {pred}")
+    for knob, value, estimate in (("PER_DEVICE_BATCH", config.per_device_batch, train_estimate),
+                                  ("PRED_BATCH_SIZE", config.pred_batch_size, pred_estimate)):
+        if value and estimate.reserved > budget.usable_bytes:
+            plan.warnings.append(f"{knob}={value} is predicted to need {gib(estimate)}, more than "
+                                 f"the {budget.usable_bytes / GIB:.1f} GiB usable: it will run "
+                                 f"out of memory (the OOM back-off then splits batches)")
+    if not fits_train or not fits_pred:
+        work_name = "training at micro-batch 1" if not fits_train else f"{config.infer_mode} at batch 1"
+        worst = (_train_estimate(config, arch, work, 1) if not fits_train
+                 else _infer_estimate(config, arch, work, 1))
+        plan.verdict = "will run out of memory"
+        plan.blocking.append(f"{work_name} is predicted to peak at {gib(worst)}, more than the "
+                             f"{limit / GIB:.1f} GiB planned on {budget.name}")
+    return per_device, pred
+
+
+def plan_batch_sizes(config: Config, machine: Machine | None = None,
+                     arch: Architecture | None = None, work: Workload | None = None) -> Plan:
+    """Batch sizes for train and predict: the user's when set, else the largest that fit.
+
+    With a GPU (found, or named by TARGET_GPU / TARGET_GPU_MEMORY), the architecture and the
+    data's workload, the choice comes from the peak-VRAM model; without the data scan on a GPU,
+    the reference's micro-batch 2; on CPU, batches sized for the CPU.
+    """
     import torch
 
-    reasons: list[str] = []
-    effective = config.effective_batch_size
-    if torch.cuda.is_available():
-        per_device = _pick("PER_DEVICE_BATCH", config.per_device_batch, min(2, effective),
-                           "the reference micro-batch on a GPU", reasons)
+    plan = Plan(0, 0, 0, [])
+    reasons = plan.reasons
+    budget = budget_for(config, machine)
+    if budget is not None and arch is not None and work is not None:
+        plan.budget = {"name": budget.name, "usable_gib": round(budget.usable_bytes / GIB, 2),
+                       "planned_gib": round(budget.limit_bytes / GIB, 2),
+                       "margin": PLAN_MARGIN}
+        per_device, pred = _gpu_plan(config, arch, work, budget, plan)
+    elif budget is not None or torch.cuda.is_available():
+        per_device = _pick("PER_DEVICE_BATCH", config.per_device_batch,
+                           min(2, config.effective_batch_size),
+                           "the reference micro-batch (no data scan to plan from)", reasons)
         pred = _pick("PRED_BATCH_SIZE", config.pred_batch_size, 8,
-                     "a conservative GPU batch for one-pass scoring", reasons)
+                     "a conservative batch (no data scan to plan from)", reasons)
     else:
-        # The largest divisor of the effective batch up to 16, so accumulation keeps it exact.
-        cpu_batch = max(d for d in range(1, min(effective, 16) + 1) if effective % d == 0)
-        per_device = _pick("PER_DEVICE_BATCH", config.per_device_batch, cpu_batch,
-                           "CPU run, RAM is no constraint for it", reasons)
-        pred = _pick("PRED_BATCH_SIZE", config.pred_batch_size, 32, "CPU run", reasons)
+        plan.verdict = "CPU run"
+        per_device, pred = _cpu_plan(config, reasons)
     ranks = config.nproc
-    accumulation = max(1, math.ceil(effective / (per_device * ranks)))
+    accumulation = max(1, math.ceil(config.effective_batch_size / (per_device * ranks)))
     if machine is not None and machine.gpus:
         reasons.append(f"{len(machine.gpus)} GPU(s) found; the plan is per GPU")
         if ranks > len(machine.gpus):
@@ -165,7 +553,9 @@ def plan_batch_sizes(config: Config, machine: Machine | None = None) -> Plan:
         reasons.append(f"NPROC={ranks}: micro-batch {per_device} x accumulation {accumulation} "
                        f"x {ranks} ranks = {per_device * accumulation * ranks} per optimizer "
                        f"step; each rank predicts every {ranks}th batch")
-    if per_device * accumulation * ranks != effective:
-        reasons.append(f"EFFECTIVE_BATCH_SIZE={effective} is not a multiple of micro-batch x "
-                       f"ranks: {per_device * accumulation * ranks} is used")
-    return Plan(per_device, accumulation, pred, reasons)
+    if per_device * accumulation * ranks != config.effective_batch_size:
+        reasons.append(f"EFFECTIVE_BATCH_SIZE={config.effective_batch_size} is not a multiple of "
+                       f"micro-batch x ranks: {per_device * accumulation * ranks} is used")
+    plan.per_device_batch, plan.gradient_accumulation, plan.pred_batch_size = (
+        per_device, accumulation, pred)
+    return plan

@@ -10,9 +10,9 @@ from vqa.config import Config
 from vqa.data import read_table
 from vqa.io import file_fingerprint, write_json_atomic
 from vqa.journal import PredictionJournal, journal_path, read_all
-from vqa.memory import plan_batch_sizes
 from vqa.model import load_for_inference, load_processor
 from vqa.predict import predict_rows
+from vqa.preflight import plan_run
 from vqa.submission import submission_order, write_submission
 
 log = logging.getLogger("vqa")
@@ -52,7 +52,7 @@ def submit(config: Config) -> dict:
     model, source = load_for_inference(config, config.artifacts_dir / "lora_adapter")
     log.info("predicting %d test rows with %s, INFER_MODE=%s, %d rank(s)", len(test), source,
              config.infer_mode, here.size)
-    batch = plan_batch_sizes(config).pred_batch_size
+    batch = plan_run(config, processor, predict_csv="test.csv").pred_batch_size
     signature = run_signature(config)
     main_journal = config.artifacts_dir / "predictions.journal.jsonl"
     journal = PredictionJournal(journal_path(main_journal, here.rank), signature)
