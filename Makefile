@@ -21,7 +21,7 @@ RUN = PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY) scripts/$(1).py $(2) $(MAKEO
 # than the reference's 2e-4 for a 7B. A user's own setting still wins (it comes later).
 DEMO_SETTINGS ?= LR=2e-3
 
-.PHONY: help setup tools data model preflight train eval submit demo bench-gpus test lock clean
+.PHONY: help setup tools data model preflight train eval submit demo bench-gpus bench-memory test lock clean
 
 help: ## list targets and settings
 	@echo "vqa: fine-tune Qwen2.5-VL with 4-bit QLoRA on multiple-choice VQA and predict test.csv"
@@ -82,6 +82,9 @@ demo: $(STAMP) ## the whole job on the embedded default: data model preflight tr
 
 bench-gpus: $(STAMP) ## GPU only: train and submit on 1 vs NPROC (default 2) GPUs, real-size model
 	PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY) scripts/bench_gpus.py
+
+bench-memory: $(STAMP) ## GPU only: predicted vs measured peak VRAM, 3B and 7B (CAP=24GiB emulates a card)
+	PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY) scripts/bench_memory.py $(if $(CAP),--cap $(CAP))
 
 test: $(STAMP) $(TOOLS_STAMP) ## run the test suite (Docker file checks included)
 	PYTHONPATH=$(CURDIR) VQA_TOOLS=$(CURDIR)/$(TOOLS) $(PY) -m pytest -q tests

@@ -203,3 +203,28 @@ def test_cpu_plan_is_unchanged_without_a_target():
     plan = plan_batch_sizes(load_config([], environ={}), None, _arch(SEVEN_B), _work(4, 60))
     assert plan.verdict == "CPU run" and plan.budget is None
     assert PLAN_MARGIN == 0.10
+
+
+def test_bench_memory_grid_runs_end_to_end_on_cpu(tiny_model_dir, tmp_path):
+    """`make bench-memory` on CPU: the grid's train steps and predictions run through the
+    product's code with the tiny model; nothing is measured, every row is predicted."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "ARTIFACTS_DIR": str(tmp_path / "out"),
+           "BENCH_SCRATCH": str(tmp_path / "scratch"), "BENCH_IMAGES": "448x448"}
+    done = subprocess.run([sys.executable, "scripts/bench_memory.py", "--dry-run", "--model-dir",
+                           str(tiny_model_dir), "--cap", "24GiB"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "bench-memory" / "bench_memory.json").read_text())
+    assert {(r["work"], r["batch"]) for r in rows if not r["planned"]} == {
+        ("train", 2), ("train", 4), ("score", 8), ("score", 24), ("generate", 2), ("generate", 6)}
+    assert {r["work"] for r in rows if r["planned"]} == {"train", "score"}
+    assert all(r["predicted"]["reserved_gib"] >= r["predicted"]["allocated_gib"] > 0 for r in rows)
+    assert all(r["measured"]["oom"] is False and "reserved_gib" not in r["measured"] for r in rows)
+    assert "| tiny" not in done.stdout and "| base-model | 448x448 | train | 2 |" in done.stdout

@@ -238,7 +238,9 @@ def architecture_for(config: Config) -> tuple[Architecture, str]:
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 # Fitted to REFERENCE_PEAKS (least squares on relative error, coefficients non-negative).
 TRAIN_BYTES_PER_LOGIT = 6.8  # per vocabulary entry per token row: bf16 logits, fp32 loss, grads
-TRAIN_BYTES_PER_PATCH = 378_000  # the vision tower's saved and recomputed activations
+# The vision tower's saved and recomputed activations, per patch, per block and hidden unit
+# (378 kB a patch in Qwen2.5-VL's 32 blocks of 1,280).
+TRAIN_BYTES_PER_PATCH_UNIT = 9.23
 TRAIN_RESERVED_RATIO = 1.09  # the caching allocator's reserve over allocated in a train step
 INFER_TOKEN_SCALE = 1.36  # x one decoder layer's bf16 activations per token
 SCORE_RESERVED_RATIO = 2.19  # reserve over the transient (non-weight) part, one-pass scoring
@@ -275,8 +277,8 @@ class Estimate:
     terms: dict[str, float]
 
     def gib(self) -> dict:
-        return {"allocated_gib": round(self.allocated / GIB, 2),
-                "reserved_gib": round(self.reserved / GIB, 2),
+        return {"allocated_gib": round(self.allocated / GIB, 3),
+                "reserved_gib": round(self.reserved / GIB, 3),
                 "terms_gib": {k: round(v / GIB, 3) for k, v in self.terms.items()}}
 
 
@@ -303,7 +305,8 @@ def train_peak(arch: Architecture, *, tokens: int, patches: int, quant: str = "4
         "checkpointed activations": tokens * (4 * arch.layers * arch.hidden
                                               + 12 * arch.intermediate),
         "logits and loss": tokens * arch.vocab * TRAIN_BYTES_PER_LOGIT,
-        "vision tower activations": patches * TRAIN_BYTES_PER_PATCH,
+        "vision tower activations": patches * TRAIN_BYTES_PER_PATCH_UNIT * arch.vision_depth
+        * arch.vision_hidden,
     }
     allocated = sum(terms.values())
     terms["allocator reserve"] = allocated * (TRAIN_RESERVED_RATIO - 1)

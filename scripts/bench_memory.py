@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""make bench-memory: the peak-VRAM model (vqa/memory.py) against measured peaks, on a grid.
+
+GPU only. Builds random-init real-size Qwen2.5-VL-3B and -7B (vqa/realsize.py; BENCH_MODELS
+picks), loads each through the product's 4-bit `from_pretrained` path, and on synthetic rows at
+448x448, 1024x768, 1400x1400 and 1400x1400 under MAX_PIXELS=1003520 measures, for two batch sizes
+each:
+  - train:    two steps of vqa's own training step (LoRA r32 on q,k,v,o,gate,up,down, gradient
+              checkpointing, AdamW, bf16 autocast) on vqa's collator's batches;
+  - score / generate: vqa's predict_rows on one batch, with an untrained adapter attached.
+Each row prints predicted vs measured peak allocated and reserved (torch.cuda.max_memory_*), and
+the error of the reserved prediction; the target is within 10% on every row.
+
+--cap 24GiB emulates a 24 GiB card (torch.cuda.set_per_process_memory_fraction) and adds, per
+image size, the planner's own choices for that card: they must not run out of memory, and the
+report shows how much of the cap they use.
+
+--dry-run --model-dir DIR runs the same grid on CPU with a local model (the embedded tiny one):
+every code path but the CUDA measurement, for the test suite.
+Writes bench_memory.json and bench_memory.md to ARTIFACTS_DIR/bench-memory/.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+IMAGES = [("448x448", (448, 448), None), ("1024x768", (1024, 768), None),
+          ("1400x1400", (1400, 1400), None), ("1400x1400 capped", (1400, 1400), 1003520)]
+BATCHES = {"train": (2, 4), "score": (8, 24), "generate": (2, 6)}
+
+
+def images() -> list:
+    """The grid's image settings; BENCH_IMAGES=448x448,... picks some by name."""
+    wanted = os.environ.get("BENCH_IMAGES")
+    return [i for i in IMAGES if not wanted or i[0] in wanted.split(",")]
+MODEL_INPUTS = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                "mm_token_type_ids", "labels"}
+
+
+def measure(fn, cuda: bool) -> dict:
+    """Runs fn and returns its peak allocated/reserved in GiB (None on CPU), or OOM."""
+    import torch
+
+    from vqa.memory import GIB
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    try:
+        fn()
+    except torch.cuda.OutOfMemoryError:
+        if cuda:
+            torch.cuda.empty_cache()
+        return {"oom": True, "seconds": round(time.perf_counter() - started, 2)}
+    out = {"oom": False, "seconds": round(time.perf_counter() - started, 2)}
+    if cuda:
+        torch.cuda.synchronize()
+        out["allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+        out["reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
+    return out
+
+
+def train_steps(model, optimizer, collate, rows, device: str):
+    import torch
+
+    def run():
+        for _ in range(2):
+            batch = {k: v.to(device) for k, v in collate(rows).items() if k in MODEL_INPUTS}
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return run
+
+
+def predicted(config, arch, tokens, shapes, work: str, batch: int) -> dict:
+    from vqa.memory import Workload, infer_peak, train_peak
+
+    lengths = [tokens.length(s) for s in shapes[:batch]]
+    visual = [tokens.visual(s) for s in shapes[:batch]]
+    n_tokens, patches = Workload.worst_batch(lengths, visual, batch)
+    if work == "train":
+        estimate = train_peak(arch, tokens=n_tokens, patches=patches, quant=config.quant,
+                              lora_r=config.lora_r, lora_targets=config.lora_targets)
+    else:
+        estimate = infer_peak(arch, batch=batch, tokens=n_tokens, patches=patches, mode=work,
+                              max_new_tokens=config.max_new_tokens, quant=config.quant,
+                              lora_r=config.lora_r, lora_targets=config.lora_targets)
+    return {"length": max(lengths), "visual_tokens": max(visual), **estimate.gib()}
+
+
+def bench_model(model_dir: Path, scratch: Path, cap_bytes: int | None, cuda: bool) -> list[dict]:
+    import torch
+
+    from vqa.config import load_config
+    from vqa.data import VQACollator, read_table
+    from vqa.memory import GIB, MAX_PRED_BATCH, architecture_for, plan_batch_sizes
+    from vqa.model import attach_lora, load_for_inference, load_model, load_processor
+    from vqa.predict import predict_rows
+    from vqa.preflight import scan_rows, tokens_from_processor, workload
+    from vqa.realsize import write_synthetic_data
+
+    device = "cuda" if cuda else "cpu"
+    most = MAX_PRED_BATCH  # enough rows for the planner's largest prediction batch
+    base = [f"MODEL_ID={model_dir}", "QUANT=4bit", f"ARTIFACTS_DIR={scratch / 'artifacts'}"]
+    if cap_bytes:
+        base.append(f"TARGET_GPU_MEMORY={cap_bytes / GIB:.2f}GiB")
+    datasets = {name: write_synthetic_data(scratch / name.replace(" ", "-"), most, 0, size)
+                for name, size, _ in images()}
+
+    def setting(cap):
+        return load_config(base + ([f"MAX_PIXELS={cap}"] if cap else []), environ={})
+
+    arch, _ = architecture_for(setting(None))
+    # What each image setting costs, and the planner's choices for the cap.
+    cases = []
+    for name, _, cap in images():
+        config = setting(cap)
+        processor = load_processor(config)
+        tokens = tokens_from_processor(processor)
+        frame = read_table(datasets[name] / "train.csv", with_answer=True)
+        shapes = scan_rows(frame, "train.csv", load_config(
+            base + [f"DATA_DIR={datasets[name]}"] + ([f"MAX_PIXELS={cap}"] if cap else []),
+            environ={}), tokens)[0]
+        rows = frame.to_dict("records")
+        plan = None
+        if cap_bytes:
+            plan = plan_batch_sizes(config, None, arch, workload(shapes, shapes, tokens))
+        cases.append((name, config, processor, tokens, shapes, rows, plan))
+
+    results = []
+
+    def record(model_name, name, work, batch, config, tokens, shapes, measured, planned=False):
+        row = {"model": model_name, "images": name, "work": work, "batch": batch,
+               "planned": planned,
+               "predicted": predicted(config, arch, tokens, shapes, work, batch),
+               "measured": measured}
+        if measured.get("reserved_gib"):
+            row["reserved_error"] = round(
+                row["predicted"]["reserved_gib"] / measured["reserved_gib"] - 1, 3)
+        if cap_bytes and measured.get("reserved_gib"):
+            row["share_of_cap"] = round(measured["reserved_gib"] * GIB / cap_bytes, 3)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    model_name = arch.name
+    # Training: the product's 4-bit model with the reference LoRA, one optimizer for all cases.
+    model = attach_lora(load_model(setting(None), for_training=True), setting(None))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    for name, config, processor, tokens, shapes, rows, plan in cases:
+        collate = VQACollator(processor, datasets[name], train=True)
+        batches = [(b, False) for b in BATCHES["train"]]
+        if plan is not None:
+            batches.append((plan.per_device_batch, True))
+        for batch, planned in batches:
+            measured = measure(train_steps(model, optimizer, collate, rows[:batch], device), cuda)
+            record(model_name, name, "train", batch, config, tokens, shapes, measured, planned)
+    adapter = scratch / "adapter"
+    model.save_pretrained(adapter)
+    del model, optimizer
+    if cuda:
+        torch.cuda.empty_cache()
+
+    model, _ = load_for_inference(setting(None), adapter)
+    for mode in ("score", "generate"):
+        for name, config, processor, tokens, shapes, rows, plan in cases:
+            config.infer_mode = mode
+            batches = [(b, False) for b in BATCHES[mode]]
+            if plan is not None and mode == "score":
+                batches.append((plan.pred_batch_size, True))
+            for batch, planned in batches:
+                measured = measure(lambda: predict_rows(  # noqa: B023 - called at once
+                    model, processor, rows[:batch], datasets[name], batch_size=batch, mode=mode,
+                    max_new_tokens=config.max_new_tokens), cuda)
+                record(model_name, name, mode, batch, config, tokens, shapes, measured, planned)
+    del model
+    if cuda:
+        torch.cuda.empty_cache()
+    return results
+
+
+def markdown(results: list[dict], header: str) -> str:
+    lines = [header, "", "| model | images | work | batch | predicted alloc / reserved GiB | "
+             "measured alloc / reserved GiB | reserved error |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        p, m = r["predicted"], r["measured"]
+        got = ("OOM" if m["oom"] else
+               f"{m.get('allocated_gib', '-')} / {m.get('reserved_gib', '-')}")
+        error = f"{r['reserved_error']:+.1%}" if "reserved_error" in r else "-"
+        work = r["work"] + (" (planner's)" if r["planned"] else "")
+        lines.append(f"| {r['model'].split('/')[-1]} | {r['images']} | {work} | {r['batch']} | "
+                     f"{p['allocated_gib']} / {p['reserved_gib']} | {got} | {error} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    import torch
+
+    from vqa.memory import parse_memory
+    from vqa.realsize import build_random_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cap", help="emulate a card of this size, e.g. 24GiB")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, no measurement")
+    parser.add_argument("--model-dir", help="a local model instead of building real sizes")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.dry_run:
+        print("bench-memory: no CUDA GPU here; this benchmark runs on a GPU machine only")
+        return 0
+    if args.dry_run and not args.model_dir:
+        sys.exit("bench-memory: --dry-run needs --model-dir")
+    out = Path(os.environ.get("ARTIFACTS_DIR", "artifacts")) / "bench-memory"
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(os.environ.get("BENCH_SCRATCH", "/tmp/vqa-bench-memory"))
+    cap_bytes = parse_memory(args.cap) if args.cap else None
+    if cap_bytes and cuda:
+        torch.cuda.set_per_process_memory_fraction(
+            cap_bytes / torch.cuda.get_device_properties(0).total_memory)
+    names = os.environ.get("BENCH_MODELS", "3B,7B").split(",")
+    results = []
+    for name in ([args.model_dir] if args.model_dir else names):
+        if args.model_dir:
+            model_dir = Path(args.model_dir)
+        else:
+            model_dir = build_random_model(f"Qwen/Qwen2.5-VL-{name.strip()}-Instruct",
+                                           scratch / f"model-{name.strip()}")
+        results += bench_model(model_dir, scratch / Path(str(model_dir)).name, cap_bytes, cuda)
+        (out / "bench_memory.json").write_text(json.dumps(results, indent=2))  # kept if cut short
+    device = torch.cuda.get_device_name(0) if cuda else "CPU (dry run, nothing measured)"
+    header = (f"# bench-memory: {device}, {time.strftime('%Y-%m-%d')}, cap "
+              f"{args.cap or 'none'}")
+    (out / "bench_memory.md").write_text(markdown(results, header))
+    print(markdown(results, header))
+    errors = [abs(r["reserved_error"]) for r in results if "reserved_error" in r]
+    planned_oom = [r for r in results if r["planned"] and r["measured"]["oom"]]
+    if errors:
+        print(f"largest reserved error {max(errors):.1%} over {len(errors)} rows; "
+              f"within 10%: {sum(e <= 0.10 for e in errors)}")
+    if planned_oom:
+        print(f"the planner's batch ran out of memory in {len(planned_oom)} case(s)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
