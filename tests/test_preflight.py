@@ -49,6 +49,14 @@ def test_mostly_unreadable_training_images_block_with_one_line(small_data, tiny_
     assert last.endswith("is DATA_DIR right?")
 
 
+def _no_hub(monkeypatch):
+    """The hub unreachable at once: vqa's probe finds the endpoint closed. (HF_HUB_OFFLINE would
+    not do here: huggingface_hub reads it once, when an earlier test first imported it.)"""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def _target_config(data, artifacts, *settings):
     return load_config([f"DATA_DIR={data}", f"ARTIFACTS_DIR={artifacts}",
                         "MODEL_ID=Qwen/Qwen2.5-VL-7B-Instruct", *settings], environ={})
@@ -56,7 +64,7 @@ def _target_config(data, artifacts, *settings):
 
 def test_a10g_plan_for_the_7b_from_the_package_table_when_the_hub_is_unreachable(
         small_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _no_hub(monkeypatch)
     Image.new("RGB", (1024, 768), (0, 0, 255)).save(small_data / "images" / "0.png")
     code = run_preflight(_target_config(small_data, tmp_path / "a", "TARGET_GPU=A10G"))
     out = capsys.readouterr().out
@@ -79,7 +87,7 @@ def test_a10g_plan_for_the_7b_from_the_package_table_when_the_hub_is_unreachable
 
 def test_images_too_large_for_the_card_block_and_name_the_max_pixels_that_fit(
         small_data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _no_hub(monkeypatch)
     Image.new("RGB", (4000, 3000), (0, 0, 255)).save(small_data / "images" / "0.png")
     code = run_preflight(_target_config(small_data, tmp_path / "b", "TARGET_GPU=T4"))
     last = capsys.readouterr().out.strip().splitlines()[-1]
