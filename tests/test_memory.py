@@ -147,6 +147,8 @@ def test_unknown_target_card_or_memory_is_one_line():
 
     with pytest.raises(ValueError, match="TARGET_GPU='B300X'.*known: A10G"):
         budget_for(load_config(["TARGET_GPU=B300X"], environ={}), None)
+    with pytest.raises(ConfigError, match="TARGET_GPU='B300X'.*known: A10G"):
+        load_config(["TARGET_GPU=B300X"], environ={})  # a one-line error before any stage runs
     with pytest.raises(ConfigError, match="TARGET_GPU_MEMORY='lots'"):
         load_config(["TARGET_GPU_MEMORY=lots"], environ={})
     a10g = budget_for(load_config(["TARGET_GPU=a10g"], environ={}), None)

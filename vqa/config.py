@@ -140,12 +140,13 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{knob_name(name)}={value}: must lie in [0, 1)")
     if config.lr <= 0:
         raise ConfigError(f"LR={config.lr}: must be positive")
-    if config.target_gpu_memory:
-        import re
+    if config.target_gpu or config.target_gpu_memory:
+        from vqa.memory import target_card_memory  # vqa.memory imports this module
 
-        if not re.fullmatch(r"\s*[0-9.]+\s*(gib|gb|mib|mb|g|m)?\s*", config.target_gpu_memory.lower()):
-            raise ConfigError(f"TARGET_GPU_MEMORY={config.target_gpu_memory!r}: expected e.g. "
-                              f"24GiB, 24GB or 23028MiB")
+        try:
+            target_card_memory(config)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if config.min_pixels and config.max_pixels and config.min_pixels > config.max_pixels:
         raise ConfigError(f"MIN_PIXELS={config.min_pixels} exceeds MAX_PIXELS={config.max_pixels}")
     if config.per_device_batch and config.effective_batch_size % (config.per_device_batch

@@ -390,12 +390,12 @@ def parse_memory(text: str) -> int:
     return int(value * scale)
 
 
-def budget_for(config: Config, machine: Machine | None) -> Budget | None:
-    """The memory to plan for: a target card when one is named, else the GPUs found (the least
-    free of those the run uses), else None (a CPU run)."""
+def target_card_memory(config: Config) -> tuple[str, int] | None:
+    """(name, total bytes) of the card named by TARGET_GPU_MEMORY or TARGET_GPU, else None;
+    ValueError for a size that does not parse or a card not in the table."""
     if config.target_gpu_memory:
-        total = parse_memory(config.target_gpu_memory)
-        return Budget(f"TARGET_GPU_MEMORY={config.target_gpu_memory}", total - CUDA_CONTEXT_BYTES)
+        return f"TARGET_GPU_MEMORY={config.target_gpu_memory}", parse_memory(
+            config.target_gpu_memory)
     if config.target_gpu:
         table = gpu_table()
         key = next((k for k in table if k.lower() == config.target_gpu.lower()), None)
@@ -403,7 +403,17 @@ def budget_for(config: Config, machine: Machine | None) -> Budget | None:
             raise ValueError(f"TARGET_GPU={config.target_gpu!r}: not in the table; known: "
                              f"{', '.join(table)} (or set TARGET_GPU_MEMORY=24GiB)")
         total = table[key]["memory_mib"] * 2**20
-        return Budget(f"TARGET_GPU={key} ({total / GIB:.1f} GiB)", total - CUDA_CONTEXT_BYTES)
+        return f"TARGET_GPU={key} ({total / GIB:.1f} GiB)", total
+    return None
+
+
+def budget_for(config: Config, machine: Machine | None) -> Budget | None:
+    """The memory to plan for: a target card when one is named, else the GPUs found (the least
+    free of those the run uses), else None (a CPU run)."""
+    target = target_card_memory(config)
+    if target is not None:
+        name, total = target
+        return Budget(name, total - CUDA_CONTEXT_BYTES)
     if machine is not None and machine.gpus:
         used = machine.gpus[:max(1, config.nproc)]
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
