@@ -198,6 +198,11 @@ class Architecture:
                    for i, o in shapes)
 
 
+def published_architectures() -> dict:
+    """vqa/architectures.json: the published configs of the Qwen2.5-VL Instruct checkpoints."""
+    return json.loads(resources.files("vqa").joinpath("architectures.json").read_text())
+
+
 def architecture_for(config: Config) -> tuple[Architecture, str]:
     """The model's shapes: its config.json when it is a local folder or cached, else the
     package's table of published configs (no network needed)."""
@@ -212,7 +217,7 @@ def architecture_for(config: Config) -> tuple[Architecture, str]:
         return Architecture.from_config(model_id, json.loads(Path(cached).read_text())), cached
     except Exception:  # noqa: BLE001 - not cached: the published table below
         pass
-    table = json.loads(resources.files("vqa").joinpath("architectures.json").read_text())
+    table = published_architectures()
     if model_id in table["models"]:
         shapes, common = table["models"][model_id], table["common"]
         config_json = {

@@ -9,12 +9,10 @@ to ARTIFACTS_DIR. Exit 0 = runnable; 2 = a blocking problem, named in one line.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import statistics
 from dataclasses import asdict, dataclass
-from importlib import resources
 
 from PIL import Image
 from tqdm import tqdm
@@ -37,6 +35,7 @@ from vqa.memory import (
     infer_peak,
     plan_batch_sizes,
     probe_machine,
+    published_architectures,
     train_peak,
     visual_tokens_for,
 )
@@ -107,8 +106,7 @@ def tokens_from_processor(processor) -> Tokens:
 def tokens_from_table(config: Config, why: str) -> Tokens:
     """The published preprocessor settings, and text tokens estimated at one per two UTF-8
     bytes (Qwen's BPE needs fewer for English and Korean alike, so the estimate errs high)."""
-    table = json.loads(resources.files("vqa").joinpath("architectures.json").read_text())
-    pre = table["common"]["preprocessor"]
+    pre = published_architectures()["common"]["preprocessor"]
     template = 24  # <|im_start|>user ... <|vision_start|><|image_pad|><|vision_end|> ... assistant
 
     def count_text(row) -> int:

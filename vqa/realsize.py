@@ -9,9 +9,7 @@ locally); its token ids sit inside the real vocabulary, whose full size the mode
 
 from __future__ import annotations
 
-import json
 import random
-from importlib import resources
 from pathlib import Path
 
 import pandas as pd
@@ -19,10 +17,7 @@ import torch
 from PIL import Image
 
 from vqa import tiny
-
-
-def architectures() -> dict:
-    return json.loads(resources.files("vqa").joinpath("architectures.json").read_text())
+from vqa.memory import published_architectures
 
 
 # A Korean question of typical length, and options like a competition's.
@@ -34,7 +29,7 @@ def real_size_config(model_name: str, tokenizer):
     """Qwen2_5_VLConfig with the published shapes of `model_name` and the tokenizer's ids."""
     from transformers import Qwen2_5_VLConfig
 
-    table = architectures()
+    table = published_architectures()
     common, shapes = table["common"], table["models"][model_name]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.QWEN_SPECIAL_TOKENS}
     vision = dict(common["vision_config"])
@@ -71,7 +66,7 @@ def build_random_model(model_name: str, folder: Path, seed: int = 0) -> Path:
 
     corpus = [f"{KOREAN_QUESTION}\n" + "\n".join(f"{l}. {o}" for l, o in zip("ABCD", OPTIONS))]
     tokenizer = tiny.train_tokenizer(corpus * 20 + ["what is the color of the shape?"] * 20)
-    preprocessor = architectures()["common"]["preprocessor"]
+    preprocessor = published_architectures()["common"]["preprocessor"]
     processor = Qwen2_5_VLProcessor(
         image_processor=Qwen2VLImageProcessor(min_pixels=preprocessor["min_pixels"],
                                               max_pixels=preprocessor["max_pixels"]),
