@@ -6,12 +6,10 @@ from vqa.config import Config
 
 
 def stage(config: Config) -> None:
-    from vqa.model import load_processor
     from vqa.preflight import plan_run
     from vqa.train import train
 
-    plan = plan_run(config, load_processor(config), train_csv=True)
-    train(config, plan.per_device_batch)
+    train(config, plan_run(config, train_csv=True).per_device_batch)
 
 
 if __name__ == "__main__":

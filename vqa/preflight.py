@@ -239,15 +239,19 @@ def plan_for(config: Config, machine, train: list[RowShape], test: list[RowShape
     return plan, source
 
 
-def plan_run(config: Config, processor, *, train_csv: bool = False,
+def plan_run(config: Config, processor=None, *, train_csv: bool = False,
              predict_csv: str | None = None):
     """The plan `make train`/`eval`/`submit` use when the user set no batch size: on a GPU, the
     peak-VRAM model over the rows they will see (a header-only scan of train.csv and/or the CSV
-    they predict); on CPU, the CPU batches."""
+    they predict), measured with `processor` (loaded here when not given); on CPU, the CPU
+    batches, without loading anything."""
     import torch
+
+    from vqa.model import load_processor
 
     if not torch.cuda.is_available():
         return plan_batch_sizes(config)
+    processor = processor or load_processor(config)
     machine = probe_machine(config.artifacts_dir)
     tokens = tokens_from_processor(processor)
 
