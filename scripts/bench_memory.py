@@ -33,14 +33,14 @@ sys.path.insert(0, str(ROOT))
 IMAGES = [("448x448", (448, 448), None), ("1024x768", (1024, 768), None),
           ("1400x1400", (1400, 1400), None), ("1400x1400 capped", (1400, 1400), 1003520)]
 BATCHES = {"train": (2, 4), "score": (8, 24), "generate": (2, 6)}
+MODEL_INPUTS = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                "mm_token_type_ids", "labels"}
 
 
 def images() -> list:
     """The grid's image settings; BENCH_IMAGES=448x448,... picks some by name."""
     wanted = os.environ.get("BENCH_IMAGES")
     return [i for i in IMAGES if not wanted or i[0] in wanted.split(",")]
-MODEL_INPUTS = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw",
-                "mm_token_type_ids", "labels"}
 
 
 def measure(fn, cuda: bool) -> dict:
@@ -83,18 +83,16 @@ def train_steps(model, optimizer, collate, rows, device: str):
 
 
 def predicted(config, arch, tokens, shapes, work: str, batch: int) -> dict:
-    from vqa.memory import Workload, infer_peak, train_peak
+    """The planner's own estimate for these rows, as preflight computes it."""
+    import dataclasses
+
+    from vqa.memory import Workload, infer_estimate, train_estimate
 
     lengths = [tokens.length(s) for s in shapes[:batch]]
     visual = [tokens.visual(s) for s in shapes[:batch]]
-    n_tokens, patches = Workload.worst_batch(lengths, visual, batch)
-    if work == "train":
-        estimate = train_peak(arch, tokens=n_tokens, patches=patches, quant=config.quant,
-                              lora_r=config.lora_r, lora_targets=config.lora_targets)
-    else:
-        estimate = infer_peak(arch, batch=batch, tokens=n_tokens, patches=patches, mode=work,
-                              max_new_tokens=config.max_new_tokens, quant=config.quant,
-                              lora_r=config.lora_r, lora_targets=config.lora_targets)
+    rows = Workload(lengths, visual, lengths, visual)
+    estimate = (train_estimate(config, arch, rows, batch) if work == "train" else
+                infer_estimate(dataclasses.replace(config, infer_mode=work), arch, rows, batch))
     return {"length": max(lengths), "visual_tokens": max(visual), **estimate.gib()}
 
 
@@ -117,20 +115,19 @@ def bench_model(model_dir: Path, scratch: Path, cap_bytes: int | None, cuda: boo
     datasets = {name: write_synthetic_data(scratch / name.replace(" ", "-"), most, 0, size)
                 for name, size, _ in images()}
 
-    def setting(cap):
-        return load_config(base + ([f"MAX_PIXELS={cap}"] if cap else []), environ={})
+    def setting(cap, data_dir=None):
+        return load_config(base + ([f"MAX_PIXELS={cap}"] if cap else [])
+                           + ([f"DATA_DIR={data_dir}"] if data_dir else []), environ={})
 
     arch, _ = architecture_for(setting(None))
     # What each image setting costs, and the planner's choices for the cap.
     cases = []
     for name, _, cap in images():
-        config = setting(cap)
+        config = setting(cap, datasets[name])
         processor = load_processor(config)
         tokens = tokens_from_processor(processor)
         frame = read_table(datasets[name] / "train.csv", with_answer=True)
-        shapes = scan_rows(frame, "train.csv", load_config(
-            base + [f"DATA_DIR={datasets[name]}"] + ([f"MAX_PIXELS={cap}"] if cap else []),
-            environ={}), tokens)[0]
+        shapes = scan_rows(frame, "train.csv", config, tokens)[0]
         rows = frame.to_dict("records")
         plan = None
         if cap_bytes:
@@ -174,7 +171,6 @@ def bench_model(model_dir: Path, scratch: Path, cap_bytes: int | None, cuda: boo
     model, _ = load_for_inference(setting(None), adapter)
     for mode in ("score", "generate"):
         for name, config, processor, tokens, shapes, rows, plan in cases:
-            config.infer_mode = mode
             batches = [(b, False) for b in BATCHES[mode]]
             if plan is not None and mode == "score":
                 batches.append((plan.pred_batch_size, True))

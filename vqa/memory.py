@@ -439,7 +439,7 @@ class Plan:
     gradient_accumulation: int
     pred_batch_size: int
     reasons: list[str]
-    verdict: str = "fits"  # fits | will run out of memory | not planned (CPU)
+    verdict: str = "fits"  # fits | will run out of memory | not planned ... | CPU run
     budget: dict | None = None
     train_peak: dict | None = None
     predict_peak: dict | None = None
@@ -471,13 +471,16 @@ def _cpu_plan(config: Config, reasons: list[str]) -> tuple[int, int]:
 MAX_PRED_BATCH = 64  # beyond this, scoring throughput no longer grows measurably
 
 
-def _train_estimate(config: Config, arch: Architecture, work: Workload, batch: int) -> Estimate:
+def train_estimate(config: Config, arch: Architecture, work: Workload, batch: int) -> Estimate:
+    """The training peak at micro-batch `batch` on the heaviest batch of the workload, under
+    the run's settings."""
     tokens, patches = Workload.worst_batch(work.train_lengths, work.train_visual, batch)
     return train_peak(arch, tokens=tokens, patches=patches, quant=config.quant,
                       lora_r=config.lora_r, lora_targets=config.lora_targets)
 
 
-def _infer_estimate(config: Config, arch: Architecture, work: Workload, batch: int) -> Estimate:
+def infer_estimate(config: Config, arch: Architecture, work: Workload, batch: int) -> Estimate:
+    """The prediction peak (INFER_MODE) at batch `batch` on the workload's longest rows."""
     tokens, patches = Workload.worst_batch(work.test_lengths, work.test_visual, batch)
     return infer_peak(arch, batch=min(batch, max(1, len(work.test_lengths))), tokens=tokens,
                       patches=patches, mode=config.infer_mode,
@@ -489,15 +492,15 @@ def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget
               plan: Plan) -> tuple[int, int]:
     reasons, limit = plan.reasons, budget.limit_bytes
     per_rank = config.effective_batch_size // config.nproc
-    train_choices = [b for b in range(1, per_rank + 1) if per_rank % b == 0] or [1]
-    fits_train = [b for b in train_choices
-                  if _train_estimate(config, arch, work, b).reserved <= limit]
-    fits_pred = [b for b in range(1, MAX_PRED_BATCH + 1)
-                 if _infer_estimate(config, arch, work, b).reserved <= limit]
+    train = {b: train_estimate(config, arch, work, b)
+             for b in range(1, per_rank + 1) if per_rank % b == 0} or {
+        1: train_estimate(config, arch, work, 1)}
+    infer = {b: infer_estimate(config, arch, work, b) for b in range(1, MAX_PRED_BATCH + 1)}
+    fits_train = [b for b, e in train.items() if e.reserved <= limit]
+    fits_pred = [b for b, e in infer.items() if e.reserved <= limit]
     plan.candidates = (
-        [{"work": "train", "batch": b, **_train_estimate(config, arch, work, b).gib()}
-         for b in train_choices]
-        + [{"work": config.infer_mode, "batch": b, **_infer_estimate(config, arch, work, b).gib()}
+        [{"work": "train", "batch": b, **e.gib()} for b, e in train.items()]
+        + [{"work": config.infer_mode, "batch": b, **infer[b].gib()}
            for b in (1, 2, 4, 8, 16, 24, 32, 48, 64)])
     gib = lambda e: f"{e.reserved / GIB:.1f} GiB"  # noqa: E731
     where = (f"{budget.name}: {budget.usable_bytes / GIB:.1f} GiB usable after the CUDA "
@@ -511,22 +514,22 @@ def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget
                  f"the largest {config.infer_mode} batch (up to {MAX_PRED_BATCH}) whose predicted "
                  f"peak on the longest test rows fits" if fits_pred else
                  "nothing fits; see the suggested MAX_PIXELS", reasons)
-    train_estimate = _train_estimate(config, arch, work, per_device)
-    pred_estimate = _infer_estimate(config, arch, work, pred)
-    plan.train_peak, plan.predict_peak = train_estimate.gib(), pred_estimate.gib()
-    reasons.append(f"predicted peak reserved: train {gib(train_estimate)} at micro-batch "
-                   f"{per_device} on its heaviest batch, {config.infer_mode} {gib(pred_estimate)} "
+    # A user's batch may lie outside the candidates (not a divisor, or above MAX_PRED_BATCH).
+    train_at = train.get(per_device) or train_estimate(config, arch, work, per_device)
+    pred_at = infer.get(pred) or infer_estimate(config, arch, work, pred)
+    plan.train_peak, plan.predict_peak = train_at.gib(), pred_at.gib()
+    reasons.append(f"predicted peak reserved: train {gib(train_at)} at micro-batch "
+                   f"{per_device} on its heaviest batch, {config.infer_mode} {gib(pred_at)} "
                    f"at batch {pred}")
-    for knob, value, estimate in (("PER_DEVICE_BATCH", config.per_device_batch, train_estimate),
-                                  ("PRED_BATCH_SIZE", config.pred_batch_size, pred_estimate)):
+    for knob, value, estimate in (("PER_DEVICE_BATCH", config.per_device_batch, train_at),
+                                  ("PRED_BATCH_SIZE", config.pred_batch_size, pred_at)):
         if value and estimate.reserved > budget.usable_bytes:
             plan.warnings.append(f"{knob}={value} is predicted to need {gib(estimate)}, more than "
                                  f"the {budget.usable_bytes / GIB:.1f} GiB usable: it will run "
                                  f"out of memory (the OOM back-off then splits batches)")
     if not fits_train or not fits_pred:
         work_name = "training at micro-batch 1" if not fits_train else f"{config.infer_mode} at batch 1"
-        worst = (_train_estimate(config, arch, work, 1) if not fits_train
-                 else _infer_estimate(config, arch, work, 1))
+        worst = train[1] if not fits_train else infer[1]
         plan.verdict = "will run out of memory"
         plan.blocking.append(f"{work_name} is predicted to peak at {gib(worst)}, more than the "
                              f"{limit / GIB:.1f} GiB planned on {budget.name}")
@@ -552,6 +555,7 @@ def plan_batch_sizes(config: Config, machine: Machine | None = None,
                        "margin": PLAN_MARGIN}
         per_device, pred = _gpu_plan(config, arch, work, budget, plan)
     elif budget is not None or torch.cuda.is_available():
+        plan.verdict = "not planned (no architecture or data scan)"
         per_device = _pick("PER_DEVICE_BATCH", config.per_device_batch,
                            min(2, config.effective_batch_size),
                            "the reference micro-batch (no data scan to plan from)", reasons)

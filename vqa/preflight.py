@@ -32,11 +32,11 @@ from vqa.memory import (
     Workload,
     architecture_for,
     budget_for,
-    infer_peak,
+    infer_estimate,
     plan_batch_sizes,
     probe_machine,
     published_architectures,
-    train_peak,
+    train_estimate,
     visual_tokens_for,
 )
 
@@ -184,16 +184,8 @@ def suggest_max_pixels(config: Config, arch, train: list[RowShape], test: list[R
             continue
         if budget is None:
             return max_pixels
-        t_tokens, t_patches = Workload.worst_batch(work.train_lengths, work.train_visual, 1)
-        p_tokens, p_patches = Workload.worst_batch(work.test_lengths, work.test_visual, 1)
-        fits = (train_peak(arch, tokens=t_tokens, patches=t_patches, quant=config.quant,
-                           lora_r=config.lora_r, lora_targets=config.lora_targets).reserved
-                <= budget.limit_bytes
-                and infer_peak(arch, batch=1, tokens=p_tokens, patches=p_patches,
-                               mode=config.infer_mode, max_new_tokens=config.max_new_tokens,
-                               quant=config.quant, lora_r=config.lora_r,
-                               lora_targets=config.lora_targets).reserved
-                <= budget.limit_bytes)
+        fits = (train_estimate(config, arch, work, 1).reserved <= budget.limit_bytes
+                and infer_estimate(config, arch, work, 1).reserved <= budget.limit_bytes)
         if fits:
             return max_pixels
     return None
