@@ -212,23 +212,24 @@ def _measure(config: Config) -> tuple[Tokens, str | None]:
 def plan_for(config: Config, machine, train: list[RowShape], test: list[RowShape],
              tokens: Tokens):
     """The plan from the peak-VRAM model on this data, with a MAX_PIXELS suggestion when the
-    longest rows do not fit; (plan, architecture source or None)."""
+    longest rows do not fit; (plan, architecture source or None, the rows' workload)."""
     budget = budget_for(config, machine)
     arch, source = None, None
     try:
         arch, source = architecture_for(config)
     except ValueError as exc:
         log.warning("%s", exc)
-    plan = plan_batch_sizes(config, machine, arch, workload(train, test, tokens))
-    too_long = config.max_sequence_length and any(
-        tokens.length(r) > config.max_sequence_length for r in train + test)
+    work = workload(train, test, tokens)
+    plan = plan_batch_sizes(config, machine, arch, work)
+    too_long = config.max_sequence_length and max(
+        work.train_lengths + work.test_lengths, default=0) > config.max_sequence_length
     if arch is not None and (plan.blocking or too_long):
         plan.suggested_max_pixels = suggest_max_pixels(config, arch, train, test, tokens, budget)
         if plan.suggested_max_pixels:
             plan.reasons.append(f"MAX_PIXELS={plan.suggested_max_pixels} "
                                 f"({plan.suggested_max_pixels // (tokens.patch * tokens.merge) ** 2}"
                                 f" visual tokens an image at most) makes every row fit")
-    return plan, source
+    return plan, source, work
 
 
 def plan_run(config: Config, processor=None, *, train_csv: bool = False,
@@ -251,7 +252,7 @@ def plan_run(config: Config, processor=None, *, train_csv: bool = False,
         frame = read_table(config.data_dir / name, with_answer=name == "train.csv")
         return scan_rows(frame, name, config, tokens)[0]
 
-    plan, _ = plan_for(config, machine, shapes("train.csv") if train_csv else [],
+    plan, _, _ = plan_for(config, machine, shapes("train.csv") if train_csv else [],
                        shapes(predict_csv) if predict_csv else [], tokens)
     for warning in plan.warnings:
         log.warning("%s", warning)
@@ -282,9 +283,7 @@ def run_preflight(config: Config) -> int:
     train_shapes, train_problems = scan_rows(train, "train.csv", config, tokens)
     test_shapes, test_problems = scan_rows(test, "test.csv", config, tokens)
     problems = train_problems + test_problems
-    plan, arch_source = plan_for(config, machine, train_shapes, test_shapes, tokens)
-    train_lengths = [tokens.length(r) for r in train_shapes]
-    test_lengths = [tokens.length(r) for r in test_shapes]
+    plan, arch_source, work = plan_for(config, machine, train_shapes, test_shapes, tokens)
 
     blocking = list(plan.blocking)
     if plan.blocking and plan.suggested_max_pixels:
@@ -294,7 +293,9 @@ def run_preflight(config: Config) -> int:
         blocking.insert(0, f"only {len(train_shapes)} of {len(train)} training images are usable "
                            f"(first problem: row {first.row}, id {first.id}: {first.reason}); "
                            f"is DATA_DIR right?")
-    longest = sorted(train_shapes + test_shapes, key=tokens.length, reverse=True)[:5]
+    measured = list(zip(train_shapes + test_shapes, work.train_lengths + work.test_lengths,
+                        work.train_visual + work.test_visual))
+    longest = sorted(measured, key=lambda m: m[1], reverse=True)[:5]
     report = {
         "verdict": "blocked" if blocking else "runnable",
         "memory_verdict": plan.verdict,
@@ -308,13 +309,12 @@ def run_preflight(config: Config) -> int:
             "train_rows": len(train), "test_rows": len(test),
             "train_letters": train["answer"].value_counts().sort_index().to_dict(),
             "pixels": {"min_pixels": tokens.min_pixels, "max_pixels": tokens.max_pixels},
-            "train_sequence_length": _distribution(train_lengths),
-            "test_sequence_length": _distribution(test_lengths),
-            "visual_tokens": _distribution([tokens.visual(r)
-                                            for r in train_shapes + test_shapes]),
+            "train_sequence_length": _distribution(work.train_lengths),
+            "test_sequence_length": _distribution(work.test_lengths),
+            "visual_tokens": _distribution(work.train_visual + work.test_visual),
             "longest_rows": [{"id": r.id, "width": r.width, "height": r.height,
-                              "visual_tokens": tokens.visual(r), "length": tokens.length(r)}
-                             for r in longest],
+                              "visual_tokens": visual, "length": length}
+                             for r, length, visual in longest],
         },
         "plan": asdict(plan),
         "problems": [asdict(p) for p in problems],
