@@ -2,7 +2,22 @@ import pytest
 from PIL import Image
 
 from vqa.config import load_config
-from vqa.memory import gpu_table, plan_batch_sizes, probe_machine, visual_tokens_for
+from vqa.memory import (
+    GIB,
+    PLAN_MARGIN,
+    REFERENCE_PEAKS,
+    Architecture,
+    Workload,
+    architecture_for,
+    budget_for,
+    gpu_table,
+    infer_peak,
+    parse_memory,
+    plan_batch_sizes,
+    probe_machine,
+    train_peak,
+    visual_tokens_for,
+)
 
 
 @pytest.mark.parametrize("size", [(64, 64), (448, 448), (1024, 768), (768, 1024), (1400, 1400),
@@ -51,19 +66,6 @@ def test_plan_respects_user_settings_and_keeps_the_effective_batch():
 
 # ---------------------------------------------------------------------------------------------
 # The peak-VRAM model
-
-from vqa.memory import (  # noqa: E402
-    GIB,
-    PLAN_MARGIN,
-    REFERENCE_PEAKS,
-    Architecture,
-    Workload,
-    architecture_for,
-    budget_for,
-    infer_peak,
-    parse_memory,
-    train_peak,
-)
 
 SEVEN_B = "Qwen/Qwen2.5-VL-7B-Instruct"
 THREE_B = "Qwen/Qwen2.5-VL-3B-Instruct"
