@@ -8,7 +8,8 @@ Reads top to bottom like the reference setup:
 - AdamW, max_grad_norm 0.3, weight decay 0.01, warmup ratio 0.1.
 - Each epoch: accuracy on a fixed stratified validation sample (<= VAL_SAMPLE rows); early stopping
   with patience EARLY_STOPPING_PATIENCE; the best checkpoint is loaded at the end.
-- Labels only on the answer letter and <|im_end|>.
+- Labels only on the answer letter and <|im_end|>; logits only where the labels are
+  (vqa/speed.py: the same loss without full-sequence, full-vocabulary logits).
 Writes lora_adapter/ (peft format), train_metrics.json and train_curve.png to ARTIFACTS_DIR.
 """
 
@@ -38,6 +39,7 @@ from vqa.data import (
 )
 from vqa.io import write_json_atomic
 from vqa.model import attach_lora, device_and_dtype, load_model, load_processor
+from vqa.speed import label_window, labelled_loss
 
 log = logging.getLogger("vqa")
 
@@ -144,6 +146,8 @@ def backoff_trainer_class():
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             inputs = {k: v for k, v in inputs.items() if k != "row_ids"}
+            # Logits only where the labels are; labelled_loss (compute_loss_func) takes them.
+            inputs["logits_to_keep"] = label_window(inputs["labels"])
             result = super().compute_loss(model, inputs, *args, **kwargs)
             if self._piece_weight == 1.0:
                 return result
@@ -177,9 +181,11 @@ def backoff_trainer_class():
             import contextlib
 
             sizes = self._sizes(inputs)
-            # Trainer divides the summed loss by num_items_in_batch only when the model takes
-            # loss kwargs; otherwise each piece's mean is weighted by its share of the labels.
-            summed = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            # Trainer divides the summed loss by num_items_in_batch when the model or our
+            # compute_loss_func takes it; otherwise each piece's mean is weighted by its share
+            # of the labels.
+            summed = num_items_in_batch is not None and (
+                self.model_accepts_loss_kwargs or self.compute_loss_func is not None)
             labelled = (inputs["labels"][:, 1:] != -100).sum(1)
             total, start = 0.0, 0
             try:
@@ -382,7 +388,7 @@ def train(config: Config, per_device_batch: int) -> dict:
         fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu",
         remove_unused_columns=False,
-        dataloader_num_workers=config.dataloader_workers,
+        dataloader_num_workers=config.loader_workers(device == "cuda"),
         report_to=[],
         ddp_find_unused_parameters=False,  # every LoRA module sees every row (one image each)
         seed=config.seed,
@@ -400,6 +406,7 @@ def train(config: Config, per_device_batch: int) -> dict:
         train_dataset=RowDataset(train_rows),
         eval_dataset=RowDataset(val_rows),
         data_collator=VQACollator(processor, config.data_dir, train=True),
+        compute_loss_func=labelled_loss,
         compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=preprocess,
         callbacks=[EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience),
