@@ -23,3 +23,25 @@ def test_accuracy_groups():
     assert accuracy(rows, answers) == pytest.approx(2 / 3)
     assert accuracy_by(rows, answers, "f") == {"x": {"accuracy": 0.5, "rows": 2},
                                                "y": {"accuracy": 1.0, "rows": 1}}
+
+
+def test_prepared_batches_in_worker_processes_answer_like_the_main_process(
+        tiny_model_dir, small_data):
+    """DATALOADER_WORKERS > 0 (the default on a GPU) prepares batches in forked workers: the
+    same answers and probabilities, and a row with a broken image is still answered text-only
+    and reported, though the collator that saw it lived in a worker."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from vqa.data import read_table
+    from vqa.predict import predict_rows
+
+    (small_data / "images" / "t2.png").write_bytes(b"not a png")
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    rows = read_table(small_data / "test.csv", with_answer=False).to_dict("records")
+    inline = predict_rows(model, processor, rows, small_data, batch_size=1, workers=0)
+    forked = predict_rows(model, processor, rows, small_data, batch_size=1, workers=2)
+    assert forked.answers == inline.answers and len(forked.answers) == len(rows)
+    assert forked.letter_probs == inline.letter_probs
+    assert set(forked.text_only) == set(inline.text_only) == {"te2"}
+    assert "t2.png" in forked.text_only["te2"]

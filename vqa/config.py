@@ -61,12 +61,21 @@ class Config:
     # housekeeping
     nproc: int = 1  # processes (GPUs) for train and submit; >1 runs them under torchrun
     num_threads: int | None = None  # CPU threads for torch; None = torch's default
-    dataloader_workers: int = 0
+    # processes that load images and run the processor while the GPU works; None = auto
+    dataloader_workers: int | None = None
 
     @property
     def model_dir(self) -> Path:
         """The embedded tiny model's folder (where `make model` writes it)."""
         return self.artifacts_dir / "base-model"
+
+    def loader_workers(self, cuda: bool) -> int:
+        """DATALOADER_WORKERS, or when unset: on a GPU, up to 4 (one core left to the main
+        process), so image decoding and preprocessing overlap the GPU's work; on CPU, 0 (the
+        model's own threads use the cores)."""
+        if self.dataloader_workers is not None:
+            return self.dataloader_workers
+        return min(4, (os.cpu_count() or 1) - 1) if cuda else 0
 
     @property
     def resolved_model_id(self) -> str:
@@ -138,6 +147,8 @@ def _check(config: Config) -> None:
         value = getattr(config, name)
         if not 0 <= value < 1:
             raise ConfigError(f"{knob_name(name)}={value}: must lie in [0, 1)")
+    if config.dataloader_workers is not None and config.dataloader_workers < 0:
+        raise ConfigError(f"DATALOADER_WORKERS={config.dataloader_workers}: must be 0 or more")
     if config.lr <= 0:
         raise ConfigError(f"LR={config.lr}: must be positive")
     if config.target_gpu or config.target_gpu_memory:

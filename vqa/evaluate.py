@@ -11,6 +11,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+import torch
 
 from vqa.config import Config
 from vqa.data import LETTERS, read_table
@@ -71,7 +72,8 @@ def evaluate(config: Config) -> dict:
 
     def run(rows, blank=False, desc="eval"):
         return predict_rows(model, processor, rows, config.data_dir, batch_size=batch,
-                            mode="score", blank_images=blank, desc=desc).answers
+                            mode="score", blank_images=blank, desc=desc,
+                            workers=config.loader_workers(torch.cuda.is_available())).answers
 
     val_answers = run(val_rows, desc="validation")
     matrix = confusion(val_rows, val_answers)

@@ -87,23 +87,24 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
                  mode: str = "score", max_new_tokens: int = 16, blank_images: bool = False,
                  desc: str = "predict",
                  on_batch: Callable[[dict[str, str], dict[str, str]], None] | None = None,
-                 shard: tuple[int, int] = (0, 1)) -> Predictions:
+                 shard: tuple[int, int] = (0, 1), workers: int = 0) -> Predictions:
     """Answers every row exactly once; `on_batch` receives each finished batch's answers and
     the ids among them asked as text only (image unreadable) with the reason.
 
     A batch that runs out of GPU memory is split in two and retried, down to one row; later
     batches (shorter: rows run longest first) keep the smaller size. A row whose image cannot be
     read is asked without it. Nothing is skipped. `shard=(rank, world)` answers only this
-    rank's whole batches (vqa/distributed.py).
+    rank's whole batches (vqa/distributed.py). `workers` > 0 prepares the next batches (image
+    decoding, the processor) in that many processes while the model works on this one.
     """
     collate = VQACollator(processor, Path(data_dir), train=False, blank_images=blank_images)
     result = Predictions(text_only=collate.text_only)
     letter_ids = letter_token_ids(processor.tokenizer)
     order = length_order(rows, processor)
 
-    def answer(chunk: list[dict]) -> None:
+    def answer(chunk: list[dict], batch: dict | None = None) -> None:
         FAULTS.before_forward(len(chunk))
-        batch = collate(chunk)
+        batch = batch if batch is not None else collate(chunk)
         if mode == "generate":
             texts = generate_batch(model, processor, batch, max_new_tokens)
             need_scores = []
@@ -125,10 +126,11 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
                 result.answers[row["id"]] = LETTERS[int(p.argmax())]
                 result.letter_probs[row["id"]] = [round(float(x), 5) for x in p]
 
-    def answer_with_backoff(chunk: list[dict]) -> int:
-        """Answers `chunk`; returns the largest batch size that worked."""
+    def answer_with_backoff(chunk: list[dict], batch: dict | None = None) -> int:
+        """Answers `chunk` (`batch`: its collated form, when prepared); returns the largest batch
+        size that worked."""
         try:
-            answer(chunk)
+            answer(chunk, batch)
             return len(chunk)
         except torch.cuda.OutOfMemoryError:
             free_memory()
@@ -149,11 +151,13 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
     mine = [[rows[i] for i in batch] for batch in batches[rank::world]]
     size = batch_size
     with tqdm(total=sum(map(len, mine)), desc=desc, unit="row", leave=False) as bar:
-        for batch in mine:
+        for batch, (prepared, text_only) in zip(mine, prepare(mine, collate, workers)):
+            collate.text_only.update(text_only)
             start = 0
             while start < len(batch):
                 chunk = batch[start:start + size]
-                size = min(size, answer_with_backoff(chunk))
+                whole = prepared if len(chunk) == len(batch) else None  # else re-collated
+                size = min(size, answer_with_backoff(chunk, whole))
                 if on_batch is not None:
                     ids = [row["id"] for row in chunk]
                     on_batch({i: result.answers[i] for i in ids},
@@ -166,6 +170,32 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
     if missing:  # a bug, never a data problem
         raise RuntimeError(f"{len(missing)} row(s) left unanswered, first {missing[0]}")
     return result
+
+
+class _Prepare:
+    """A batch's collated form and the ids the collator asked as text only, with the reason
+    (in a worker process the collator's own record stays there, so it travels with the batch)."""
+
+    def __init__(self, collate: VQACollator):
+        self.collate = collate
+
+    def __call__(self, rows: list[dict]) -> tuple[dict, dict[str, str]]:
+        batch = self.collate(rows)
+        ids = {str(row["id"]) for row in rows}
+        return batch, {i: why for i, why in self.collate.text_only.items() if i in ids}
+
+
+def prepare(batches: list[list[dict]], collate: VQACollator, workers: int):
+    """The collated batches in order; with `workers` > 0, made ahead by a torch DataLoader's
+    worker processes (two batches ahead each) while the caller runs the model."""
+    job = _Prepare(collate)
+    if workers <= 0 or len(batches) < 2:
+        return map(job, batches)
+    from torch.utils.data import DataLoader
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked
+    return iter(DataLoader(batches, batch_size=None, collate_fn=job,
+                           num_workers=min(workers, len(batches)), prefetch_factor=2))
 
 
 def accuracy_by(rows: list[dict], answers: dict[str, str], key: str) -> dict[str, dict]:
