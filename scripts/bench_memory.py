@@ -6,17 +6,21 @@ picks), loads each through the product's 4-bit `from_pretrained` path, and on sy
 448x448, 1024x768, 1400x1400 and 1400x1400 under MAX_PIXELS=1003520 measures, for two batch sizes
 each:
   - train:    two steps of vqa's own training step (LoRA r32 on q,k,v,o,gate,up,down, gradient
-              checkpointing, AdamW, bf16 autocast) on vqa's collator's batches;
+              checkpointing, AdamW, bf16 autocast, the loss at the labelled positions) on vqa's
+              collator's batches;
   - score / generate: vqa's predict_rows on one batch, with an untrained adapter attached.
 Each row prints predicted vs measured peak allocated and reserved (torch.cuda.max_memory_*), and
 the error of the reserved prediction; the target is within 10% on every row.
 
---cap 24GiB emulates a 24 GiB card (torch.cuda.set_per_process_memory_fraction) and adds, per
-image size, the planner's own choices for that card: they must not run out of memory, and the
-report shows how much of the cap they use.
+The grid runs uncapped, so every row is measured. --cap 24GiB adds, per image size, the
+planner's own choices for a card of that size, each measured under that cap emulated with
+torch.cuda.set_per_process_memory_fraction: they must not run out of memory, and the report shows
+how much of the cap they use.
 
 --dry-run --model-dir DIR runs the same grid on CPU with a local model (the embedded tiny one):
 every code path but the CUDA measurement, for the test suite.
+On a GPU, each model's training and prediction run in fresh processes of their own (as
+`make train` and `make submit` do), so no phase inherits another's cached allocator segments.
 Writes bench_memory.json and bench_memory.md to ARTIFACTS_DIR/bench-memory/.
 """
 
@@ -43,13 +47,16 @@ def images() -> list:
     return [i for i in IMAGES if not wanted or i[0] in wanted.split(",")]
 
 
-def measure(fn, cuda: bool) -> dict:
-    """Runs fn and returns its peak allocated/reserved in GiB (None on CPU), or OOM."""
+def measure(fn, cuda: bool, cap_bytes: int | None = None) -> dict:
+    """Runs fn and returns its peak allocated/reserved in GiB (None on CPU), or OOM; with
+    `cap_bytes`, under a card of that size (set_per_process_memory_fraction), else uncapped."""
     import torch
 
     from vqa.memory import GIB
 
     if cuda:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (cap_bytes or total) / total))
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -71,11 +78,13 @@ def measure(fn, cuda: bool) -> dict:
 def train_steps(model, optimizer, collate, rows, device: str):
     import torch
 
+    from vqa.speed import answer_loss
+
     def run():
         for _ in range(2):
             batch = {k: v.to(device) for k, v in collate(rows).items() if k in MODEL_INPUTS}
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss = model(**batch).loss
+                loss = answer_loss(model, batch)  # make train's loss (vqa/speed.py)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -96,14 +105,12 @@ def predicted(config, arch, tokens, shapes, work: str, batch: int) -> dict:
     return {"length": max(lengths), "visual_tokens": max(visual), **estimate.gib()}
 
 
-def bench_model(model_dir: Path, scratch: Path, cap_bytes: int | None, cuda: bool) -> list[dict]:
-    import torch
-
+def bench_model(model_dir: Path, scratch: Path, cap_bytes: int | None, cuda: bool,
+                phases: tuple[str, ...] = ("train", "predict")) -> list[dict]:
     from vqa.config import load_config
-    from vqa.data import VQACollator, read_table
+    from vqa.data import read_table
     from vqa.memory import GIB, MAX_PRED_BATCH, architecture_for, plan_batch_sizes
-    from vqa.model import attach_lora, load_for_inference, load_model, load_processor
-    from vqa.predict import predict_rows
+    from vqa.model import load_processor
     from vqa.preflight import scan_rows, tokens_from_processor, workload
     from vqa.realsize import write_synthetic_data
 
@@ -144,13 +151,29 @@ def bench_model(model_dir: Path, scratch: Path, cap_bytes: int | None, cuda: boo
         if measured.get("reserved_gib"):
             row["reserved_error"] = round(
                 row["predicted"]["reserved_gib"] / measured["reserved_gib"] - 1, 3)
-        if cap_bytes and measured.get("reserved_gib"):
+        if cap_bytes and planned and measured.get("reserved_gib"):
             row["share_of_cap"] = round(measured["reserved_gib"] * GIB / cap_bytes, 3)
         results.append(row)
         print(json.dumps(row), flush=True)
 
     model_name = arch.name
-    # Training: the product's 4-bit model with the reference LoRA, one optimizer for all cases.
+    adapter = scratch / "adapter"
+    if "train" in phases:
+        train_phase(model_name, cases, datasets, setting, record, device, cuda, cap_bytes,
+                    adapter)
+    if "predict" in phases:
+        predict_phase(model_name, cases, datasets, setting, record, cuda, cap_bytes, adapter)
+    return results
+
+
+def train_phase(model_name, cases, datasets, setting, record, device, cuda, cap_bytes,
+                adapter) -> None:
+    import torch
+
+    from vqa.data import VQACollator
+    from vqa.model import attach_lora, load_model
+
+    # The product's 4-bit model with the reference LoRA, one optimizer for all cases.
     model = attach_lora(load_model(setting(None), for_training=True), setting(None))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -160,14 +183,27 @@ def bench_model(model_dir: Path, scratch: Path, cap_bytes: int | None, cuda: boo
         if plan is not None:
             batches.append((plan.per_device_batch, True))
         for batch, planned in batches:
-            measured = measure(train_steps(model, optimizer, collate, rows[:batch], device), cuda)
+            measured = measure(train_steps(model, optimizer, collate, rows[:batch], device), cuda,
+                               cap_bytes if planned else None)
             record(model_name, name, "train", batch, config, tokens, shapes, measured, planned)
-    adapter = scratch / "adapter"
     model.save_pretrained(adapter)
     del model, optimizer
     if cuda:
         torch.cuda.empty_cache()
 
+
+def predict_phase(model_name, cases, datasets, setting, record, cuda, cap_bytes,
+                  adapter) -> None:
+    import torch
+
+    from vqa.model import attach_lora, load_for_inference, load_model
+    from vqa.predict import predict_rows
+
+    if not (adapter / "adapter_config.json").is_file():  # an untrained one, as training leaves
+        attach_lora(load_model(setting(None), for_training=True), setting(None)) \
+            .save_pretrained(adapter)
+        if cuda:
+            torch.cuda.empty_cache()
     model, _ = load_for_inference(setting(None), adapter)
     for mode in ("score", "generate"):
         for name, config, processor, tokens, shapes, rows, plan in cases:
@@ -177,12 +213,27 @@ def bench_model(model_dir: Path, scratch: Path, cap_bytes: int | None, cuda: boo
             for batch, planned in batches:
                 measured = measure(lambda: predict_rows(  # noqa: B023 - called at once
                     model, processor, rows[:batch], datasets[name], batch_size=batch, mode=mode,
-                    max_new_tokens=config.max_new_tokens), cuda)
+                    max_new_tokens=config.max_new_tokens), cuda, cap_bytes if planned else None)
                 record(model_name, name, mode, batch, config, tokens, shapes, measured, planned)
     del model
     if cuda:
         torch.cuda.empty_cache()
-    return results
+
+
+def phases_in_fresh_processes(args, model_dir: Path, work: Path) -> list[dict]:
+    """Training, then prediction, each in a process of its own, as `make train` and
+    `make submit` run: memory an earlier phase (or model) left in the caching allocator would
+    otherwise set a floor under every later peak."""
+    import subprocess
+
+    rows = []
+    for phase in ("train", "predict"):
+        command = [sys.executable, __file__, "--phase", phase,
+                   *(["--cap", args.cap] if args.cap else [])]
+        env = {**os.environ, "BENCH_MODELS": model_dir.name.removeprefix("model-")}
+        subprocess.run(command, env=env, check=True)
+        rows += json.loads((work / f"rows-{phase}.json").read_text())
+    return rows
 
 
 def markdown(results: list[dict], header: str) -> str:
@@ -209,6 +260,7 @@ def main() -> int:
     parser.add_argument("--cap", help="emulate a card of this size, e.g. 24GiB")
     parser.add_argument("--dry-run", action="store_true", help="CPU, no measurement")
     parser.add_argument("--model-dir", help="a local model instead of building real sizes")
+    parser.add_argument("--phase", choices=["train", "predict"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:
@@ -220,18 +272,25 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(os.environ.get("BENCH_SCRATCH", "/tmp/vqa-bench-memory"))
     cap_bytes = parse_memory(args.cap) if args.cap else None
-    if cap_bytes and cuda:
-        torch.cuda.set_per_process_memory_fraction(
-            cap_bytes / torch.cuda.get_device_properties(0).total_memory)
     names = os.environ.get("BENCH_MODELS", "3B,7B").split(",")
     results = []
     for name in ([args.model_dir] if args.model_dir else names):
         if args.model_dir:
             model_dir = Path(args.model_dir)
+        elif args.phase:  # a child: the parent built it
+            model_dir = scratch / f"model-{name.strip()}"
         else:
             model_dir = build_random_model(f"Qwen/Qwen2.5-VL-{name.strip()}-Instruct",
                                            scratch / f"model-{name.strip()}")
-        results += bench_model(model_dir, scratch / Path(str(model_dir)).name, cap_bytes, cuda)
+        work = scratch / Path(str(model_dir)).name
+        if args.phase:  # a child: one phase, its rows to a file for the parent
+            rows = bench_model(model_dir, work, cap_bytes, cuda, phases=(args.phase,))
+            (work / f"rows-{args.phase}.json").write_text(json.dumps(rows))
+            return 0
+        if cuda:
+            results += phases_in_fresh_processes(args, model_dir, work)
+        else:
+            results += bench_model(model_dir, work, cap_bytes, cuda)
         (out / "bench_memory.json").write_text(json.dumps(results, indent=2))  # kept if cut short
     device = torch.cuda.get_device_name(0) if cuda else "CPU (dry run, nothing measured)"
     header = (f"# bench-memory: {device}, {time.strftime('%Y-%m-%d')}, cap "

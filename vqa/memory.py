@@ -4,8 +4,8 @@ The peak-VRAM model predicts, from a model's config.json alone, the peak memory 
 allocator holds (allocated and reserved) for a QLoRA training step and for inference at a given
 batch. Each term is named after what holds the memory; the few coefficients that physics alone
 does not fix (bytes per logit and per vision patch, the allocator's slack) were fitted to peaks
-measured on an H100 with random-init real-size Qwen2.5-VL-3B/7B (the `REFERENCE_PEAKS` below;
-docs/BENCHMARKS.md), where every one of them is predicted within 5%.
+measured with random-init real-size Qwen2.5-VL-3B/7B on vqa's own train step and prediction
+(the `MEASURED_PEAKS` below; docs/BENCHMARKS.md has the table and the errors).
 
 The planner picks the largest batches whose predicted peak reserved fits the card with a margin.
 On a CPU run memory is no constraint for the embedded model: it keeps the CPU batches. Every
@@ -241,35 +241,85 @@ def architecture_for(config: Config) -> tuple[Architecture, str]:
 # bitsandbytes NF4 with double quantization: 4 bits a weight, an 8-bit absmax per block of 64,
 # and an fp32 second-level absmax per 256 blocks.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-# Fitted to REFERENCE_PEAKS (least squares on relative error, coefficients non-negative).
+# Fitted to MEASURED_PEAKS (vqa's own train step and prediction; least squares on relative
+# error, coefficients non-negative).
 TRAIN_BYTES_PER_LOGIT = 6.8  # per vocabulary entry per token row: bf16 logits, fp32 loss, grads
+# The saved residual stream and one recomputed layer (see train_peak), as a share of their bf16/
+# fp32 sizes: a fit, since the recomputation frees as it goes.
+TRAIN_ACTIVATION_SCALE = 0.57
 # The vision tower's saved and recomputed activations, per patch, per block and hidden unit
-# (378 kB a patch in Qwen2.5-VL's 32 blocks of 1,280).
-TRAIN_BYTES_PER_PATCH_UNIT = 9.23
-TRAIN_RESERVED_RATIO = 1.09  # the caching allocator's reserve over allocated in a train step
+# (219 kB a patch in Qwen2.5-VL's 32 blocks of 1,280).
+TRAIN_BYTES_PER_PATCH_UNIT = 5.35
+# The language model's attention with a padding mask (SDPA's masked kernel materialises scores):
+# bytes per score, one layer at a time, batch x heads x length x length.
+TRAIN_BYTES_PER_SCORE = 2.69
+TRAIN_RESERVE_OF_ACTIVATIONS = 0.275  # the caching allocator's reserve over the activations
 INFER_TOKEN_SCALE = 1.36  # x one decoder layer's bf16 activations per token
-SCORE_RESERVED_RATIO = 2.19  # reserve over the transient (non-weight) part, one-pass scoring
-GENERATE_RESERVED_RATIO = 1.55  # the same for generate
+SCORE_RESERVED_RATIO = 1.37  # reserve over the transient (non-weight) part, one-pass scoring
+GENERATE_RESERVED_RATIO = 1.1  # the same for generate
 # The CUDA context and kernels outside PyTorch's allocator; subtracted from the card's memory.
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)
 PLAN_MARGIN = 0.10  # the plan keeps the predicted peak this far below the usable memory
 
-# Measured peaks (GiB) the coefficients were fitted to: H100 80 GB, torch 2.11, transformers 5.17,
-# bitsandbytes 0.50.2, random-init real-size models, LoRA r32 on q,k,v,o,gate,up,down, AdamW,
-# bf16 autocast, non-reentrant gradient checkpointing; 448x448 = 256 visual tokens (1,024
-# patches), 1024x768 = 999, 1400x1400 = 2,500. allocated is None where only reserved was read.
-REFERENCE_PEAKS = [
-    # (model, work, batch, sequence length, visual tokens per image, quant, allocated, reserved)
-    ("Qwen/Qwen2.5-VL-7B-Instruct", "train", 2, 370, 256, "4bit", 11.8, 12.9),
-    ("Qwen/Qwen2.5-VL-7B-Instruct", "train", 2, 1113, 999, "4bit", 16.3, 17.4),
-    ("Qwen/Qwen2.5-VL-7B-Instruct", "train", 2, 2614, 2500, "4bit", 25.5, 28.9),
-    ("Qwen/Qwen2.5-VL-7B-Instruct", "train", 8, 370, 256, "4bit", None, 19.3),
-    ("Qwen/Qwen2.5-VL-3B-Instruct", "train", 2, 370, 256, "4bit", 6.4, 6.9),
-    ("Qwen/Qwen2.5-VL-7B-Instruct", "score", 24, 375, 256, "4bit", 8.3, 11.0),
-    ("Qwen/Qwen2.5-VL-7B-Instruct", "score", 24, 375, 256, "none", None, 20.4),
-    ("Qwen/Qwen2.5-VL-7B-Instruct", "generate", 6, 375, 256, "4bit", None, 7.0),
-    ("Qwen/Qwen2.5-VL-7B-Instruct", "generate", 6, 1118, 999, "4bit", None, 9.3),
-    ("Qwen/Qwen2.5-VL-3B-Instruct", "generate", 6, 375, 256, "4bit", None, 3.4),
+# Measured peaks (GiB) the coefficients were fitted to: `make bench-memory --cap 24GiB`
+# (scripts/bench_memory.py) on an NVIDIA H200, 2026-11-29, torch 2.11, transformers 5.23,
+# bitsandbytes 0.50.2, random-init real-size models: vqa's own train step (LoRA r32 on
+# q,k,v,o,gate,up,down, AdamW, bf16 autocast, non-reentrant checkpointing, fp32 casts, the loss
+# at the labelled positions) and predict_rows (grouped vision attention, bf16 adapter).
+# 448x448 = 256 visual tokens, 1024x768 = 999, 1400x1400 = 2,500, capped (MAX_PIXELS=1003520)
+# = 1,225. reserved is None where that run's reading is a floor its earlier work left in the
+# allocator (every inference row at 9.2 GiB, the 3B's rows after the 7B's at 9.7): a user's
+# process loads one model once, so those readings say nothing about the prediction.
+SEVEN, THREE = "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"
+MEASURED_PEAKS = [
+    # (model, work, batch, sequence length, visual tokens per image, allocated, reserved)
+    (SEVEN, 'train', 2, 373, 256, 10.57, 11.57),  # 448x448
+    (SEVEN, 'train', 4, 373, 256, 11.25, 11.99),  # 448x448
+    (SEVEN, 'train', 8, 373, 256, 12.83, 14.21),  # 448x448
+    (SEVEN, 'train', 2, 1116, 999, 12.25, 13.46),  # 1024x768
+    (SEVEN, 'train', 4, 1116, 999, 15.5, 17.49),  # 1024x768
+    (SEVEN, 'train', 2, 2617, 2500, 16.89, 19.26),  # 1400x1400
+    (SEVEN, 'train', 4, 2617, 2500, 25.1, 28.91),  # 1400x1400
+    (SEVEN, 'train', 1, 2617, 2500, 12.79, 14.16),  # 1400x1400
+    (SEVEN, 'train', 2, 1342, 1225, 12.81, 14.21),  # 1400x1400 capped
+    (SEVEN, 'train', 4, 1342, 1225, 16.95, 19.23),  # 1400x1400 capped
+    (SEVEN, 'score', 8, 373, 256, 6.55, None),  # 448x448
+    (SEVEN, 'score', 24, 373, 256, 8.02, None),  # 448x448
+    (SEVEN, 'score', 64, 373, 256, 11.73, 13.18),  # 448x448
+    (SEVEN, 'score', 8, 1116, 999, 8.1, None),  # 1024x768
+    (SEVEN, 'score', 24, 1116, 999, 12.7, 14.61),  # 1024x768
+    (SEVEN, 'score', 23, 1116, 999, 12.41, 14.38),  # 1024x768
+    (SEVEN, 'score', 8, 2617, 2500, 11.25, 11.98),  # 1400x1400
+    (SEVEN, 'score', 24, 2617, 2500, 22.15, 32.95),  # 1400x1400
+    (SEVEN, 'score', 10, 2617, 2500, 12.61, 14.72),  # 1400x1400
+    (SEVEN, 'score', 8, 1342, 1225, 8.58, None),  # 1400x1400 capped
+    (SEVEN, 'score', 24, 1342, 1225, 14.12, 18.24),  # 1400x1400 capped
+    (SEVEN, 'score', 19, 1342, 1225, 12.39, 14.41),  # 1400x1400 capped
+    (SEVEN, 'generate', 2, 373, 256, 6.07, None),  # 448x448
+    (SEVEN, 'generate', 6, 373, 256, 6.36, None),  # 448x448
+    (SEVEN, 'generate', 2, 1116, 999, 6.38, None),  # 1024x768
+    (SEVEN, 'generate', 6, 1116, 999, 7.53, None),  # 1024x768
+    (SEVEN, 'generate', 2, 2617, 2500, 7.17, None),  # 1400x1400
+    (SEVEN, 'generate', 6, 2617, 2500, 9.89, 10.6),  # 1400x1400
+    (SEVEN, 'generate', 2, 1342, 1225, 6.5, None),  # 1400x1400 capped
+    (SEVEN, 'generate', 6, 1342, 1225, 7.88, None),  # 1400x1400 capped
+    (THREE, 'train', 4, 373, 256, 5.64, None),  # 448x448
+    (THREE, 'train', 16, 373, 256, 10.05, 10.71),  # 448x448
+    (THREE, 'train', 2, 1116, 999, 6.54, None),  # 1024x768
+    (THREE, 'train', 4, 1116, 999, 9.09, None),  # 1024x768
+    (THREE, 'train', 2, 2617, 2500, 10.22, 11.01),  # 1400x1400
+    (THREE, 'train', 4, 2617, 2500, 16.68, 19.36),  # 1400x1400
+    (THREE, 'train', 2, 1342, 1225, 6.99, None),  # 1400x1400 capped
+    (THREE, 'train', 4, 1342, 1225, 10.23, 11.27),  # 1400x1400 capped
+    (THREE, 'score', 8, 373, 256, 2.92, None),  # 448x448
+    (THREE, 'score', 24, 373, 256, 3.84, None),  # 448x448
+    (THREE, 'score', 64, 373, 256, 6.16, None),  # 448x448
+    (THREE, 'score', 8, 1116, 999, 4.01, None),  # 1024x768
+    (THREE, 'score', 24, 1116, 999, 7.13, None),  # 1024x768
+    # make bench (fresh processes), peak reserved only
+    (SEVEN, 'generate', 6, 371, 256, None, 6.77),  # 448x448
+    (SEVEN, 'score', 4, 371, 256, None, 6.51),  # 448x448
+    (SEVEN, 'score', 64, 371, 256, None, 14.75),  # 448x448, same row as the grid's 13.18
 ]
 
 
@@ -294,28 +344,39 @@ def _weights(arch: Architecture, quant: str) -> float:
 
 def train_peak(arch: Architecture, *, tokens: int, patches: int, quant: str = "4bit",
                lora_r: int = 32, lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,"
-               "up_proj,down_proj") -> Estimate:
+               "up_proj,down_proj", logit_rows: int | None = None,
+               fp32_casts: bool = True, length: int | None = None) -> Estimate:
     """One QLoRA step: `tokens` = micro-batch x padded length, `patches` = vision patches of
-    the micro-batch's images (4 per visual token)."""
+    the micro-batch's images (4 per visual token). `logit_rows`: positions that get
+    full-vocabulary logits (None = every token, as the model's own loss does; vqa's loss keeps
+    only the labelled end of each row). `fp32_casts`: prepare_model_for_kbit_training's fp32
+    copies of the unquantized weights (the reference) or not (bf16 kept). `length`: the padded
+    sequence length (tokens / rows; None = one row of `tokens`)."""
     lora = arch.lora_params(lora_r, lora_targets)
+    upcast = quant == "4bit" and fp32_casts
     terms = {
         "base weights (4-bit NF4)" if quant == "4bit" else "base weights (bf16)":
             _weights(arch, quant),
         # prepare_model_for_kbit_training casts what stays unquantized to fp32; bf16 otherwise
-        "embeddings and lm_head": arch.embedding_params * (4 if quant == "4bit" else 2),
-        "autocast's bf16 copy of lm_head": arch.vocab * arch.hidden * 2,
+        "embeddings and lm_head": arch.embedding_params * (4 if upcast else 2),
+        "autocast's bf16 copy of lm_head": arch.vocab * arch.hidden * 2 if upcast else 0,
         "LoRA weights, gradients, AdamW states (fp32)": lora * 16,
         "dequantized weight buffers": 2 * arch.hidden * arch.intermediate * 2,
         # fp32 residual stream saved at each checkpointed layer, one layer's MLP recomputed
-        "checkpointed activations": tokens * (4 * arch.layers * arch.hidden
-                                              + 12 * arch.intermediate),
-        "logits and loss": tokens * arch.vocab * TRAIN_BYTES_PER_LOGIT,
+        "checkpointed activations": TRAIN_ACTIVATION_SCALE * tokens * (
+            4 * arch.layers * arch.hidden + 12 * arch.intermediate),
+        "language model attention scores": tokens * (length or tokens) * arch.heads
+        * TRAIN_BYTES_PER_SCORE,
+        "logits and loss": (tokens if logit_rows is None else logit_rows) * arch.vocab
+        * TRAIN_BYTES_PER_LOGIT,
         "vision tower activations": patches * TRAIN_BYTES_PER_PATCH_UNIT * arch.vision_depth
         * arch.vision_hidden,
     }
     allocated = sum(terms.values())
-    terms["allocator reserve"] = allocated * (TRAIN_RESERVED_RATIO - 1)
-    return Estimate(allocated, allocated * TRAIN_RESERVED_RATIO, terms)
+    activations = sum(terms[k] for k in ("checkpointed activations", "vision tower activations",
+                                         "language model attention scores"))
+    terms["allocator reserve"] = activations * TRAIN_RESERVE_OF_ACTIVATIONS
+    return Estimate(allocated, allocated + terms["allocator reserve"], terms)
 
 
 def infer_peak(arch: Architecture, *, batch: int, tokens: int, patches: int, mode: str,
@@ -327,7 +388,7 @@ def infer_peak(arch: Architecture, *, batch: int, tokens: int, patches: int, mod
         "base weights (4-bit NF4)" if quant == "4bit" else "base weights (bf16)":
             _weights(arch, quant),
         "embeddings and lm_head (bf16)": arch.embedding_params * 2,
-        "LoRA weights (fp32)": arch.lora_params(lora_r, lora_targets) * 4,
+        "LoRA weights (bf16)": arch.lora_params(lora_r, lora_targets) * 2,
         "dequantized weight buffers": 2 * arch.hidden * arch.intermediate * 2,
     }
     head_dim = arch.hidden // arch.heads
@@ -474,9 +535,15 @@ MAX_PRED_BATCH = 64  # beyond this, scoring throughput no longer grows measurabl
 def train_estimate(config: Config, arch: Architecture, work: Workload, batch: int) -> Estimate:
     """The training peak at micro-batch `batch` on the heaviest batch of the workload, under
     the run's settings."""
+    from vqa.model import FP32_CASTS
+    from vqa.speed import LABEL_WINDOW
+
     tokens, patches = Workload.worst_batch(work.train_lengths, work.train_visual, batch)
+    rows = min(batch, max(1, len(work.train_lengths)))
     return train_peak(arch, tokens=tokens, patches=patches, quant=config.quant,
-                      lora_r=config.lora_r, lora_targets=config.lora_targets)
+                      lora_r=config.lora_r, lora_targets=config.lora_targets,
+                      logit_rows=rows * LABEL_WINDOW, fp32_casts=FP32_CASTS,
+                      length=tokens // rows)
 
 
 def infer_estimate(config: Config, arch: Architecture, work: Workload, batch: int) -> Estimate:
