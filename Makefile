@@ -21,7 +21,7 @@ RUN = PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY) scripts/$(1).py $(2) $(MAKEO
 # than the reference's 2e-4 for a 7B. A user's own setting still wins (it comes later).
 DEMO_SETTINGS ?= LR=2e-3
 
-.PHONY: help setup tools data model preflight train eval submit demo bench-gpus bench-memory test lock clean
+.PHONY: help setup tools data model preflight train eval submit demo bench bench-gpus bench-memory test lock clean
 
 help: ## list targets and settings
 	@echo "vqa: fine-tune Qwen2.5-VL with 4-bit QLoRA on multiple-choice VQA and predict test.csv"
@@ -79,6 +79,9 @@ demo: $(STAMP) ## the whole job on the embedded default: data model preflight tr
 	$(call RUN,train,$(DEMO_SETTINGS))
 	$(call RUN,eval)
 	$(call RUN,submit)
+
+bench: $(STAMP) ## GPU only: vqa's train and predict vs the reference setup, 7B and 3B (CAP=24GiB)
+	PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY) scripts/bench.py $(if $(CAP),--cap $(CAP))
 
 bench-gpus: $(STAMP) ## GPU only: train and submit on 1 vs NPROC (default 2) GPUs, real-size model
 	PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY) scripts/bench_gpus.py

@@ -1,0 +1,635 @@
+#!/usr/bin/env python3
+"""make bench: vqa's train step and prediction against the reference setup, in one process.
+
+GPU only (a CPU machine gets one line and exit 0). For each model of BENCH_MODELS (default 7B,3B)
+it builds a random-init real-size Qwen2.5-VL (vqa/realsize.py), loads it through the product's
+4-bit `from_pretrained` path, and runs on the same synthetic rows (random-noise images, a
+Korean-length question, four options) at each image size of BENCH_IMAGES:
+
+  train    the reference setup: peft's prepare_model_for_kbit_training with its defaults (fp32
+           casts, reentrant checkpointing), LoRA r32 on q,k,v,o,gate,up,down, the vision tower's
+           stock attention, the model's own loss over full-vocabulary logits, micro-batch 2;
+           then vqa's own (vqa.model.attach_lora, vqa.speed's levers, the planner's micro-batch).
+           Both run BENCH_TRAIN_STEPS optimizer steps of EFFECTIVE_BATCH_SIZE rows on the same
+           rows in the same order (AdamW 2e-4, weight decay 0.01, max_grad_norm 0.3), so the
+           loss curves are comparable; speed is the median optimizer step after the first.
+  levers   (first image size only) the reference's micro-step with one lever added at a time.
+  predict  the reference: generate 16 new tokens at batch 6. Then (first image size) the CPU
+           side alone, and one lever at a time: one-pass scoring at the planner's
+           PRED_BATCH_SIZE, the grouped vision attention, the LoRA weights in bf16, batches
+           prepared by DataLoader workers (= `make submit`'s predict_rows). Then vqa at the largest batch the planner predicts
+           to stay within the reference's measured peak, and INFER_MODE=generate.
+  train    also vqa at the largest micro-batch predicted within the reference's peak.
+
+Prints samples/s or s/item, peak reserved, ours/reference, and the distance to the arithmetic
+floor (FLOPs over the bf16 matrix rate measured at start). `--cap 24GiB` emulates a 24 GiB card
+(torch.cuda.set_per_process_memory_fraction) for every phase, and the planner plans for it.
+BENCH_PROFILE=1 adds torch-profiler tables of one step of each of vqa's phases.
+`--dry-run --model-dir DIR` runs every phase on CPU with a local (tiny) model, for the tests.
+Writes bench.json, bench.md and loss_curves.png to ARTIFACTS_DIR/bench/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+IMAGES = {"448x448": (448, 448), "1024x768": (1024, 768)}
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+REFERENCE_TRAIN_BATCH = 2
+REFERENCE_GENERATE_BATCH = 6
+MODEL_INPUTS = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                "mm_token_type_ids", "labels"}
+
+
+class Bench:
+    """Settings, device and the results of one run."""
+
+    def __init__(self, cuda: bool, dry_run: bool, cap_bytes: int | None, out: Path):
+        self.cuda, self.dry_run, self.cap_bytes, self.out = cuda, dry_run, cap_bytes, out
+        self.device = "cuda" if cuda else "cpu"
+        self.results: list[dict] = []
+        self.curves: dict[str, list[float]] = {}
+        self.train_steps = int(os.environ.get("BENCH_TRAIN_STEPS", "2" if dry_run else "5"))
+        self.predict_rows = int(os.environ.get("BENCH_PREDICT_ROWS", "8" if dry_run else "192"))
+        self.profile = os.environ.get("BENCH_PROFILE", "0") == "1"
+        self.matmul_tflops = measure_matmul_tflops() if cuda else None
+
+    def sync(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def reset_peak(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float | None:
+        if not self.cuda:
+            return None
+        import torch
+
+        return round(torch.cuda.max_memory_reserved() / 2**30, 2)
+
+    def record(self, **row) -> dict:
+        self.results.append(row)
+        print(json.dumps(row), flush=True)
+        return row
+
+
+def measure_matmul_tflops() -> float:
+    """bf16 matrix rate of this card: the ceiling the arithmetic floor is computed against."""
+    import torch
+
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return round(10 * 2 * 8192**3 / (time.perf_counter() - started) / 1e12, 1)
+
+
+def forward_flops(arch, length: int, visual_tokens: int, logit_positions: int) -> float:
+    """Matrix FLOPs of one row's forward: language model over `length` tokens, lm_head at
+    `logit_positions`, vision tower over 4 patches per visual token (attention included)."""
+    h, kv = arch.hidden, arch.kv_heads * (arch.hidden // arch.heads)
+    lm = arch.layers * (2 * h * h + 2 * h * kv + 3 * h * arch.intermediate)
+    vh, vi = arch.vision_hidden, arch.vision_intermediate
+    m = vh * arch.merge ** 2
+    patches = 4 * visual_tokens
+    vision = arch.vision_depth * (4 * vh * vh + 3 * vh * vi)
+    attention = 4 * arch.layers * length * length * h + 4 * arch.vision_depth * patches * 64 * vh
+    return (2 * lm * length + 2 * h * arch.vocab * logit_positions
+            + 2 * vision * patches + 2 * (m * m + m * arch.vision_out) * visual_tokens
+            + attention)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def load_base(config, for_training: bool, stock_vision: bool):
+    from vqa.model import load_model
+
+    model = load_model(config, for_training=for_training)
+    if stock_vision:
+        model.set_attn_implementation({"vision_config": "sdpa"})
+    return model
+
+
+def reference_model(config):
+    """The reference setup: peft's defaults around the same 4-bit base and LoRA."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from vqa.model import uses_4bit
+
+    model = load_base(config, for_training=True, stock_vision=True)
+    if uses_4bit(config):
+        model = prepare_model_for_kbit_training(model)  # fp32 casts, reentrant checkpointing
+    else:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.08, target_modules=LORA_TARGETS.split(","),
+                      bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(config.seed)
+    return get_peft_model(model, lora)
+
+
+def ours_model(config, fp32_casts: bool | None = None):
+    from vqa.model import attach_lora, load_model
+
+    return attach_lora(load_model(config, for_training=True), config, fp32_casts=fp32_casts)
+
+
+def free(bench: Bench):
+    """Returns what the last phase left to the card (after its models were deleted)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if bench.cuda:
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def model_loss(model, batch):
+    return model(**batch).loss
+
+
+def train_curve(bench: Bench, model, loss_fn, collate, rows: list[dict], micro: int,
+                effective: int) -> dict:
+    """BENCH_TRAIN_STEPS optimizer steps of `effective` rows as micro-batches of `micro`:
+    the loss of each step and the median step time after the first."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
+    model.train()
+    losses, seconds = [], []
+    bench.reset_peak()
+    for step in range(bench.train_steps):
+        started = time.perf_counter()
+        chunk = rows[step * effective:(step + 1) * effective]
+        total = 0.0
+        pieces = [chunk[i:i + micro] for i in range(0, len(chunk), micro)]
+        for piece in pieces:
+            batch = {k: v.to(bench.device) for k, v in collate(piece).items() if k in MODEL_INPUTS}
+            with torch.autocast(bench.device, dtype=torch.bfloat16, enabled=bench.cuda):
+                loss = loss_fn(model, batch) / len(pieces)
+            loss.backward()
+            total += float(loss)
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bench.sync()
+        seconds.append(time.perf_counter() - started)
+        losses.append(round(total, 4))
+    steady = statistics.median(seconds[1:] or seconds)
+    return {"losses": losses, "step_s": round(steady, 3),
+            "samples_per_s": round(effective / steady, 3), "peak_reserved_gib": bench.peak_gib()}
+
+
+def micro_steps(bench: Bench, model, loss_fn, collate, rows: list[dict], micro: int,
+                repeats: int = 3) -> dict:
+    """Median time of a forward+backward of one micro-batch (no optimizer step): for levers."""
+    import torch
+
+    model.train()
+    batch = {k: v.to(bench.device) for k, v in collate(rows[:micro]).items() if k in MODEL_INPUTS}
+    bench.reset_peak()
+    seconds = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        with torch.autocast(bench.device, dtype=torch.bfloat16, enabled=bench.cuda):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        bench.sync()
+        seconds.append(time.perf_counter() - started)
+    model.zero_grad(set_to_none=True)
+    steady = statistics.median(seconds[1:])
+    return {"step_s": round(steady, 3), "samples_per_s": round(micro / steady, 3),
+            "peak_reserved_gib": bench.peak_gib()}
+
+
+def profile(bench: Bench, name: str, fn) -> None:
+    """One call of `fn` under torch.profiler; the top operators by device time to a file."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        fn()
+        bench.sync()
+    sort = "cuda_time_total" if bench.cuda else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=25)
+    (bench.out / f"profile_{name}.txt").write_text(table)
+    print(f"profile {name}:\n{table[:6000]}", flush=True)
+
+
+def attempt(bench: Bench, fn) -> dict:
+    """fn's result, or an out-of-memory mark (the cap is part of what is measured)."""
+    import torch
+
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError:
+        free(bench)
+        return {"oom": True, "peak_reserved_gib": bench.peak_gib()}
+
+
+class Case:
+    """One image size: its data, rows, the product's config and the planner's batches."""
+
+    def __init__(self, name, config, arch, data, train, test, plan, processor):
+        from vqa.data import VQACollator
+
+        self.name, self.config, self.arch, self.data = name, config, arch, data
+        self.train, self.test, self.plan, self.processor = train, test, plan, processor
+        self.train_collate = VQACollator(processor, data, train=True)
+        self.predict_collate = VQACollator(processor, data, train=False)
+        sample = self.predict_collate(test[:1])
+        self.length = sample["input_ids"].shape[1]
+        self.visual = int(sample["image_grid_thw"].prod()) // 4
+
+
+def train_row(bench: Bench, case: Case, setup: str, micro: int, result: dict, **extra) -> dict:
+    floor = 3 * forward_flops(case.arch, case.length + 2, case.visual, 3)  # fwd, recompute, bwd
+    distance = None
+    if bench.matmul_tflops and result.get("samples_per_s"):
+        distance = round(1 / result["samples_per_s"] / (floor / (bench.matmul_tflops * 1e12)), 1)
+    return bench.record(model=case.arch.name, images=case.name, work="train", setup=setup,
+                        micro_batch=micro, sequence_length=case.length + 2,
+                        visual_tokens=case.visual, x_floor=distance, **result, **extra)
+
+
+def bench_train(bench: Bench, cases: list[Case]) -> None:
+    import torch
+
+    from vqa.speed import answer_loss, use_grouped_vision_attention
+
+    first = cases[0]
+    effective = first.config.effective_batch_size
+    references = {}
+    model = reference_model(first.config)
+    for case in cases:
+        references[case.name] = train_row(bench, case, "reference", REFERENCE_TRAIN_BATCH, attempt(
+            bench, lambda: train_curve(bench, model, model_loss, case.train_collate, case.train,
+                                       REFERENCE_TRAIN_BATCH, effective)))
+        bench.curves[f"{case.arch.name.split('/')[-1]} {case.name} reference"] = \
+            references[case.name].get("losses", [])
+    # One lever at a time on the reference's model and micro-batch, first image size.
+    base = model.base_model.model
+    case = first
+
+    def lever(setup, loss_fn, micro=REFERENCE_TRAIN_BATCH):
+        train_row(bench, case, setup, micro, attempt(bench, lambda: micro_steps(
+            bench, model, loss_fn, case.train_collate, case.train, micro)))
+
+    lever("reference (micro-step)", model_loss)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lever("+ non-reentrant checkpointing", model_loss)
+    use_grouped_vision_attention(base)
+    lever("+ grouped vision attention", model_loss)
+    lever("+ loss at the labelled positions", answer_loss)
+    if bench.cuda:
+        for p in base.parameters():  # back to the loaded bf16: no fp32 casts
+            if p.dtype == torch.float32 and not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+        lever("+ bf16 embeddings, lm_head, norms (no fp32 casts)", answer_loss)
+    lever(f"+ micro-batch {case.plan.per_device_batch} (planner)", answer_loss,
+          case.plan.per_device_batch)
+    del model, base
+    free(bench)
+
+    model = ours_model(first.config)
+    for case in cases:
+        micro = case.plan.per_device_batch
+        ours = train_row(bench, case, "vqa (make train)", micro, attempt(
+            bench, lambda: train_curve(bench, model, answer_loss, case.train_collate, case.train,
+                                       micro, effective)))
+        reference = references[case.name]
+        if ours.get("samples_per_s") and reference.get("samples_per_s"):
+            ours["speedup"] = round(ours["samples_per_s"] / reference["samples_per_s"], 2)
+        bench.curves[f"{case.arch.name.split('/')[-1]} {case.name} vqa"] = ours.get("losses", [])
+        matched = memory_matched(case, "train", reference.get("peak_reserved_gib"))
+        if matched and matched != micro:  # speed only: the model has trained on these rows
+            same = train_row(bench, case, "vqa at the reference's peak memory (planner's "
+                             "estimate)", matched, attempt(bench, lambda: train_curve(
+                                 bench, model, answer_loss, case.train_collate, case.train,
+                                 matched, effective)))  # noqa: B023 - called at once
+            if same.get("samples_per_s") and reference.get("samples_per_s"):
+                same["speedup"] = round(same["samples_per_s"] / reference["samples_per_s"], 2)
+        print(f"train {case.arch.name} {case.name}: vqa {ours.get('samples_per_s')} vs "
+              f"reference {reference.get('samples_per_s')} samples/s", flush=True)
+    if bench.profile:
+        profile(bench, "train", lambda: micro_steps(
+            bench, model, answer_loss, first.train_collate, first.train,
+            first.plan.per_device_batch, repeats=1))
+    del model
+    free(bench)
+    if os.environ.get("BENCH_OTHER_CASTS") == "1" and bench.cuda:
+        # The other choice of vqa.model.FP32_CASTS, same rows: its speed and loss curve.
+        from vqa.model import FP32_CASTS
+
+        model = ours_model(first.config, fp32_casts=not FP32_CASTS)
+        micro = first.plan.per_device_batch
+        other = train_row(bench, first, f"vqa with FP32_CASTS={not FP32_CASTS}", micro, attempt(
+            bench, lambda: train_curve(bench, model, answer_loss, first.train_collate,
+                                       first.train, micro, effective)))
+        bench.curves[f"{first.arch.name.split('/')[-1]} {first.name} vqa, FP32_CASTS="
+                     f"{not FP32_CASTS}"] = other.get("losses", [])
+        del model
+        free(bench)
+    bench.write()
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+
+
+def reference_generate(bench: Bench, model, collate, rows: list[dict]) -> None:
+    import torch
+
+    with torch.inference_mode():
+        for i in range(0, len(rows), REFERENCE_GENERATE_BATCH):
+            batch = {k: v.to(bench.device) for k, v in collate(
+                rows[i:i + REFERENCE_GENERATE_BATCH]).items() if torch.is_tensor(v)}
+            model.generate(**batch, max_new_tokens=16, do_sample=False)
+
+
+def timed_predict(bench: Bench, fn, rows: int) -> dict:
+    """One warm-up call on a batch, then the whole run timed."""
+    def run():
+        fn(warm=True)
+        bench.reset_peak()
+        started = time.perf_counter()
+        fn(warm=False)
+        bench.sync()
+        seconds = time.perf_counter() - started
+        return {"s_per_item": round(seconds / rows, 4), "rows": rows,
+                "peak_reserved_gib": bench.peak_gib()}
+    return attempt(bench, run)
+
+
+def timed_preparation(case: Case, batch: int) -> dict:
+    """What the CPU side of prediction costs alone: images decoded and processed in batches."""
+    started = time.perf_counter()
+    for i in range(0, len(case.test), batch):
+        case.predict_collate(case.test[i:i + batch])
+    seconds = time.perf_counter() - started
+    return {"s_per_item": round(seconds / len(case.test), 4), "rows": len(case.test),
+            "peak_reserved_gib": None}
+
+
+def memory_matched(case: Case, work: str, reference_gib: float | None) -> int | None:
+    """The largest batch of the planner's candidates whose predicted peak reserved stays at or
+    below the reference's measured one (None when there is no plan or no such batch)."""
+    if not reference_gib:
+        return None
+    fits = [c["batch"] for c in case.plan.candidates
+            if c["work"] == work and c["reserved_gib"] <= reference_gib]
+    return max(fits, default=None)
+
+
+def predict_row(bench: Bench, case: Case, setup: str, batch: int, result: dict) -> dict:
+    floor = forward_flops(case.arch, case.length, case.visual, 1)
+    distance = None
+    if bench.matmul_tflops and result.get("s_per_item"):
+        distance = round(result["s_per_item"] / (floor / (bench.matmul_tflops * 1e12)), 1)
+    return bench.record(model=case.arch.name, images=case.name, work="predict", setup=setup,
+                        batch=batch, sequence_length=case.length, visual_tokens=case.visual,
+                        x_floor=distance, **result)
+
+
+def bench_predict(bench: Bench, cases: list[Case]) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from vqa.model import adapter_in_compute_dtype
+    from vqa.predict import predict_rows
+    from vqa.speed import use_grouped_vision_attention
+
+    # An untrained adapter on the base, as `make submit` loads a trained one (unmerged).
+    base = load_base(cases[0].config, for_training=False, stock_vision=True)
+    reference = get_peft_model(base, LoraConfig(r=32, lora_alpha=64,
+                                                target_modules=LORA_TARGETS.split(","),
+                                                task_type="CAUSAL_LM"))
+    reference.eval()  # peft's default: the adapter in fp32
+    model = reference
+
+    def generate(case, subset):
+        return lambda warm: reference_generate(
+            bench, model, case.predict_collate,
+            subset[:REFERENCE_GENERATE_BATCH] if warm else subset)
+
+    def ours(case, mode, batch, subset, workers=None):
+        workers = case.config.loader_workers(bench.cuda) if workers is None else workers
+        return lambda warm: predict_rows(model, case.processor, subset[:batch] if warm else subset,
+                                         case.data, batch_size=batch, mode=mode, workers=workers)
+
+    few = max(REFERENCE_GENERATE_BATCH, min(96, bench.predict_rows // 2))
+    references = {}
+    for n, case in enumerate(cases):
+        rows = case.test[:few]
+        references[case.name] = predict_row(
+            bench, case, "reference: generate, stock vision attention", REFERENCE_GENERATE_BATCH,
+            timed_predict(bench, generate(case, rows), len(rows)))
+        if n == 0:  # the levers one by one, first image size
+            batch = case.plan.pred_batch_size
+            predict_row(bench, case, "preparation alone (images + processor, one process)",
+                        batch, timed_preparation(case, batch))
+            predict_row(bench, case, "score, stock vision attention, prepared in-process", batch,
+                        timed_predict(bench, ours(case, "score", batch, case.test, workers=0),
+                                      len(case.test)))
+    first, batch = cases[0], cases[0].plan.pred_batch_size
+    use_grouped_vision_attention(base)
+    predict_row(bench, first, "+ grouped vision attention", batch, timed_predict(
+        bench, ours(first, "score", batch, first.test, workers=0), len(first.test)))
+    adapter_in_compute_dtype(model)  # as vqa.model.load_for_inference does
+    predict_row(bench, first, "+ LoRA weights in bf16", batch, timed_predict(
+        bench, ours(first, "score", batch, first.test, workers=0), len(first.test)))
+    for case in cases:
+        reference, batch = references[case.name], case.plan.pred_batch_size
+        rows = case.test[:few]
+        workers = case.config.loader_workers(bench.cuda)
+        mine = predict_row(bench, case, "vqa: score (make submit)", batch, {
+            **timed_predict(bench, ours(case, "score", batch, case.test), len(case.test)),
+            "preparing_workers": workers})
+        matched = memory_matched(case, "score", reference.get("peak_reserved_gib"))
+        same_memory = None
+        if matched and matched != batch:
+            same_memory = predict_row(
+                bench, case, "vqa: score at the reference's peak memory (planner's estimate)",
+                matched, timed_predict(bench, ours(case, "score", matched, case.test),
+                                       len(case.test)))
+        generated = predict_row(
+            bench, case, "vqa: INFER_MODE=generate", REFERENCE_GENERATE_BATCH,
+            timed_predict(bench, ours(case, "generate", REFERENCE_GENERATE_BATCH, rows), len(rows)))
+        for result in (mine, same_memory, generated):
+            if result and result.get("s_per_item") and reference.get("s_per_item"):
+                result["speedup"] = round(reference["s_per_item"] / result["s_per_item"], 2)
+        print(f"predict {case.arch.name} {case.name}: vqa {mine.get('s_per_item')} vs reference "
+              f"{reference.get('s_per_item')} s/item", flush=True)
+    if bench.profile:
+        case = cases[0]
+        profile(bench, "score", lambda: predict_rows(
+            model, case.processor, case.test[:case.plan.pred_batch_size], case.data,
+            batch_size=case.plan.pred_batch_size, mode="score"))
+    del model, base
+    free(bench)
+    bench.write()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_model(bench: Bench, model_dir: Path, scratch: Path) -> None:
+    from vqa.config import load_config
+    from vqa.data import read_table
+    from vqa.memory import GIB, architecture_for
+    from vqa.model import load_processor
+    from vqa.preflight import plan_run
+    from vqa.realsize import write_synthetic_data
+
+    cases = []
+    default_images = "448x448" if bench.dry_run else ",".join(IMAGES)
+    for size_name in os.environ.get("BENCH_IMAGES", default_images).split(","):
+        data = scratch / f"data-{size_name}"
+        if not (data / "train.csv").is_file():
+            write_synthetic_data(data, 16 * bench.train_steps, bench.predict_rows,
+                                 IMAGES[size_name])
+        settings = [f"MODEL_ID={model_dir}", f"DATA_DIR={data}", "QUANT=4bit",
+                    f"ARTIFACTS_DIR={scratch / 'artifacts'}"]
+        if bench.dry_run:  # CPU: every code path, small steps
+            settings.append("EFFECTIVE_BATCH_SIZE=4")
+        if bench.cap_bytes:
+            settings.append(f"TARGET_GPU_MEMORY={bench.cap_bytes / GIB:.2f}GiB")
+        config = load_config(settings, environ={})
+        arch, _ = architecture_for(config)
+        processor = load_processor(config)
+        plan = plan_run(config, processor, train_csv=True, predict_csv="test.csv")
+        print(f"{arch.name} {size_name}: planner's PER_DEVICE_BATCH={plan.per_device_batch} "
+              f"PRED_BATCH_SIZE={plan.pred_batch_size} ({plan.verdict})", flush=True)
+        cases.append(Case(size_name, config, arch, data,
+                          read_table(data / "train.csv", with_answer=True).to_dict("records"),
+                          read_table(data / "test.csv", with_answer=False).to_dict("records"),
+                          plan, processor))
+    works = os.environ.get("BENCH_WORK", "predict,train").split(",")
+    if "predict" in works:
+        bench_predict(bench, cases)
+    if "train" in works:
+        bench_train(bench, cases)
+
+
+def markdown(bench: Bench, header: str) -> str:
+    lines = [header, "", "| model | images | work | setup | batch | speed | peak reserved GiB | "
+             "x floor | vqa / reference |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in bench.results:
+        if r["work"] == "train":
+            speed = f"{r.get('samples_per_s')} samples/s ({r.get('step_s')} s/step)"
+            batch = r["micro_batch"]
+        else:
+            speed = f"{r.get('s_per_item')} s/item"
+            batch = r["batch"]
+        if r.get("oom"):
+            speed = "out of memory"
+        ratio = f"{r['speedup']}x" if r.get("speedup") else ""
+        lines.append(f"| {r['model'].split('/')[-1]} | {r['images']} | {r['work']} | "
+                     f"{r['setup']} | {batch} | {speed} | {r['peak_reserved_gib'] or '-'} | "
+                     f"{r['x_floor'] or '-'} | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vqa.io import save_figure_atomic
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, losses in curves.items():
+        ax.plot(range(1, len(losses) + 1), losses, "o-" if "vqa" in label else "s--",
+                label=label)
+    ax.set(xlabel="optimizer step (same rows for both)", ylabel="training loss",
+           title="Loss: reference vs vqa")
+    ax.legend(fontsize=7)
+    save_figure_atomic(fig, path)
+    plt.close(fig)
+
+
+def main() -> int:
+    import torch
+
+    from vqa.memory import parse_memory
+    from vqa.realsize import build_random_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cap", help="emulate a card of this size, e.g. 24GiB")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, no timing claims")
+    parser.add_argument("--model-dir", help="a local model instead of building real sizes")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.dry_run:
+        print("bench: no CUDA GPU here; this benchmark runs on a GPU machine only")
+        return 0
+    if args.dry_run and not args.model_dir:
+        sys.exit("bench: --dry-run needs --model-dir")
+    out = Path(os.environ.get("ARTIFACTS_DIR", "artifacts")) / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(os.environ.get("BENCH_SCRATCH", "/tmp/vqa-bench"))
+    cap_bytes = parse_memory(args.cap) if args.cap else None
+    if cap_bytes and cuda:
+        torch.cuda.set_per_process_memory_fraction(
+            cap_bytes / torch.cuda.get_device_properties(0).total_memory)
+    bench = Bench(cuda, args.dry_run, cap_bytes, out)
+    device = torch.cuda.get_device_name(0) if cuda else "CPU (dry run: no speed claims)"
+    header = (f"# make bench: {device}, {time.strftime('%Y-%m-%d')}, cap {args.cap or 'none'}, "
+              f"bf16 matmul {bench.matmul_tflops or '-'} TFLOP/s")
+
+    def write():
+        (out / "bench.json").write_text(json.dumps(
+            {"header": header, "results": bench.results, "curves": bench.curves}, indent=2))
+        (out / "bench.md").write_text(markdown(bench, header))
+        if bench.curves:
+            plot_curves(bench.curves, out / "loss_curves.png")
+
+    bench.write = write
+    names = os.environ.get("BENCH_MODELS", "7B,3B").split(",")
+    for name in ([args.model_dir] if args.model_dir else names):
+        started = time.perf_counter()
+        if args.model_dir:
+            model_dir = Path(args.model_dir)
+        else:
+            model_dir = build_random_model(f"Qwen/Qwen2.5-VL-{name.strip()}-Instruct",
+                                           scratch / f"model-{name.strip()}")
+        print(f"model {model_dir}: built in {time.perf_counter() - started:.0f} s", flush=True)
+        bench_model(bench, model_dir, scratch / Path(str(model_dir)).name)
+    write()
+    print(markdown(bench, header))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

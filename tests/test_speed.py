@@ -1,0 +1,158 @@
+"""The speed levers compute the same function: grouped window attention and the loss at the
+labelled positions, against transformers' own paths, on the tiny model (CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from vqa import tiny
+from vqa.data import VQACollator
+from vqa.realsize import KOREAN_QUESTION, write_synthetic_data
+from vqa.speed import (
+    GROUPED_ATTENTION,
+    LABEL_WINDOW,
+    answer_loss,
+    grouped_attention,
+    label_window,
+    use_grouped_vision_attention,
+)
+
+
+@pytest.fixture(scope="module")
+def model_and_batch(tmp_path_factory):
+    """A random tiny Qwen2.5-VL and a training batch of three image sizes: 448x448 (whole
+    windows only), 1024x768 and 300x200 (windows cut at the right and bottom edges)."""
+    folder = tmp_path_factory.mktemp("speed")
+    tokenizer = tiny.train_tokenizer([KOREAN_QUESTION] * 10 + ["what color is it?"] * 10)
+    processor = tiny.tiny_processor(tokenizer)
+    processor.image_processor.max_pixels = 1003520
+    model = tiny.init_tiny_model(tiny.tiny_config(tokenizer), seed=0)
+    rows = []
+    for size in [(448, 448), (1024, 768), (300, 200)]:
+        data = write_synthetic_data(folder / f"{size[0]}", 2, 0, size)
+        for row in pd.read_csv(data / "train.csv").to_dict("records"):
+            row["image"] = Image.open(data / row["path"]).convert("RGB")
+            rows.append(row)
+    batch = VQACollator(processor, folder, train=True)(rows)
+    batch.pop("row_ids")
+    return model, batch
+
+
+def _stock(model):
+    model.set_attn_implementation({"vision_config": "sdpa"})
+
+
+def test_grouped_vision_attention_gives_the_stock_logits_and_gradients(model_and_batch):
+    model, batch = model_and_batch
+    results = {}
+    for name, setup in (("stock", _stock), ("grouped", use_grouped_vision_attention)):
+        setup(model)
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.model.visual.named_parameters()
+                 if p.grad is not None}
+        results[name] = (out.logits.detach(), out.loss.item(), grads)
+    assert model.config.vision_config._attn_implementation == GROUPED_ATTENTION
+    assert model.config.text_config._attn_implementation == "sdpa"
+    (stock_logits, stock_loss, stock_grads), (logits, loss, grads) = results.values()
+    assert torch.allclose(logits, stock_logits, atol=1e-5)
+    assert loss == pytest.approx(stock_loss, rel=1e-6)
+    assert stock_grads.keys() == grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        assert torch.allclose(grad, stock_grads[name], atol=1e-6, rtol=1e-4), name
+    _stock(model)
+
+
+def test_grouped_attention_handles_mixed_window_sizes_like_one_call_per_window():
+    torch.manual_seed(0)
+    heads, dim = 2, 8
+    bounds = [0, 64, 128, 136, 200, 216, 216, 280]  # sizes 64, 64, 8, 64, 16, 0 (empty), 64
+    q, k, v = (torch.randn(1, heads, bounds[-1], dim) for _ in range(3))
+    module = torch.nn.Module()
+    out, _ = grouped_attention(module, q, k, v, cu_seq_lens_q=torch.tensor(bounds), scaling=0.3)
+    assert out.shape == (1, bounds[-1], heads, dim)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a == b:
+            continue
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], scale=0.3).transpose(1, 2)
+        assert torch.allclose(out[:, a:b], expected, atol=1e-6), (a, b)
+
+
+def test_grouped_attention_refuses_what_it_was_not_built_for():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="vision tower"):
+        grouped_attention(torch.nn.Module(), q, q, q)
+
+
+def test_loss_at_the_labelled_positions_equals_the_models_own(model_and_batch):
+    model, batch = model_and_batch
+    labels = batch["labels"]
+    assert label_window(labels) == LABEL_WINDOW  # the collator labels the last two tokens
+    with torch.no_grad():
+        full = model(**batch).loss
+        assert answer_loss(model, batch).item() == pytest.approx(full.item(), rel=1e-5)
+        items = (labels != -100).sum() * 3  # the Trainer's accumulated count
+        summed = model(**batch, num_items_in_batch=items).loss
+        assert answer_loss(model, batch, items).item() == pytest.approx(summed.item(), rel=1e-5)
+
+
+def test_label_window_covers_the_earliest_labelled_row():
+    labels = torch.full((2, 10), -100)
+    labels[0, -2:] = 5
+    labels[1, -4:] = 5
+    assert label_window(labels) == 5
+    assert label_window(torch.full((1, 4), -100)) == 1
+
+
+def test_bench_runs_every_phase_on_cpu(tiny_model_dir, tmp_path):
+    """`make bench` on CPU: reference and vqa's train and predict, the levers, the profile."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "ARTIFACTS_DIR": str(tmp_path / "out"),
+           "BENCH_SCRATCH": str(tmp_path / "scratch"), "BENCH_PROFILE": "1"}
+    done = subprocess.run([sys.executable, "scripts/bench.py", "--dry-run", "--model-dir",
+                           str(tiny_model_dir)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "out" / "bench"
+    report = json.loads((out / "bench.json").read_text())
+    setups = {(r["work"], r["setup"]) for r in report["results"]}
+    assert {("train", "reference"), ("train", "vqa (make train)"),
+            ("predict", "reference: generate, stock vision attention"),
+            ("predict", "vqa: score (make submit)"), ("predict", "vqa: INFER_MODE=generate"),
+            ("predict", "+ grouped vision attention"), ("predict", "+ LoRA weights in bf16"),
+            ("predict", "preparation alone (images + processor, one process)"),
+            ("train", "+ grouped vision attention"),
+            ("train", "+ loss at the labelled positions")} <= setups
+    assert not any(r.get("oom") for r in report["results"])
+    curves = report["curves"]
+    assert len(curves) == 2 and all(len(c) == 2 for c in curves.values())  # 2 steps each
+    assert all(r["speedup"] > 0 for r in report["results"] if r.get("speedup"))
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    assert "aten::" in (out / "profile_train.txt").read_text()
+    assert "| vqa (make train) |" in (out / "bench.md").read_text()
+
+
+def test_bench_says_so_without_a_gpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the benchmark would run")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "scripts/bench.py"], cwd=root, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert done.returncode == 0
+    assert done.stdout.strip() == "bench: no CUDA GPU here; this benchmark runs on a GPU machine only"
