@@ -3,8 +3,10 @@ import random
 import pandas as pd
 
 from vqa.easyvqa import (
+    CANONICAL_OPTIONS,
     COLORS,
     FAMILIES,
+    SHAPES,
     family_of,
     load_split,
     make_options,
@@ -32,6 +34,22 @@ def test_rows_have_balanced_letters_and_the_contract_columns():
     assert frame["answer"].value_counts().to_dict() == {"a": 100, "b": 100, "c": 100, "d": 100}
     for row in frame.head(50).to_dict("records"):
         assert row[row["answer"]] in FAMILIES[row["family"]]
+
+
+def test_colour_and_shape_options_come_in_one_order_that_leaks_nothing():
+    """The letter of a colour or shape answer is fixed by the answer; the options shown are the
+    same for every answer of a quad, so the text alone cannot tell them apart."""
+    frame = to_rows(load_split("train")[:2000], "train", seed=5)
+    colour = frame[frame["family"] == "color"]
+    for quad in CANONICAL_OPTIONS[:2]:
+        rows = colour[colour["a"] == quad[0]]
+        assert len(rows) > 20
+        assert (rows[["a", "b", "c", "d"]].values.tolist()) == [quad] * len(rows)
+        assert {row[row["answer"]] for row in rows.to_dict("records")} == set(quad)
+    shape = frame[frame["family"] == "shape"]
+    assert (shape[["a", "b", "c"]].values.tolist()) == [SHAPES] * len(shape)
+    assert shape["d"].isin(COLORS).all() and set(shape["answer"]) == {"a", "b", "c"}
+    assert frame["answer"].value_counts().nunique() == 1  # yes/no rows even the letters out
 
 
 def test_subset_keeps_family_shares():

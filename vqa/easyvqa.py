@@ -1,9 +1,16 @@
 """The embedded default data: the `easy-vqa` package turned into the competition's CSV contract.
 
 easy-vqa (MIT) ships 38,575 train / 9,673 test questions over 4,000 / 1,000 small images with 13
-one-word answers. Each question becomes a four-option row: the options are the answer plus
-distractors from the same answer family (colour, shape, yes/no; other answers fill the family's
-gaps), and the answer's letter cycles through a-d so letters are balanced.
+one-word answers. Each question becomes a four-option row of the answer and distractors from its
+family (colour, shape, yes/no):
+- colour and shape questions list their options in one canonical order (`CANONICAL_OPTIONS`):
+  the colours as two fixed quads, the three shapes with a colour in fourth place. The letter
+  then names the answer itself, so a model that sees the colour can answer without looking up
+  which line holds that word — the lookup the tiny demo model could not learn in its CPU budget
+  (docs/EMBEDDED_DEFAULT.md). The text leaks nothing: within a quad every question shows the
+  same four options, whatever the image.
+- yes/no questions take same-family distractors first, at the letter that keeps the four
+  letters balanced over the whole file.
 
 The train images are split in two by image id: even ids are the base model's pretraining corpus
 (`make model`), odd ids the demo's train.csv, so the fine-tune never sees what the base saw.
@@ -31,6 +38,19 @@ def family_of(answer: str) -> str:
         if answer in members:
             return name
     raise ValueError(f"easy-vqa answer {answer!r} belongs to no family")
+
+
+# Colour and shape options in a fixed order; a shape row's fourth option is a random colour.
+CANONICAL_OPTIONS = [["red", "green", "blue", "black"], ["gray", "teal", "brown", "yellow"],
+                     SHAPES]
+
+
+def canonical_options(answer: str, rng: random.Random) -> list[str] | None:
+    """The fixed-order options of a colour or shape answer; None for yes/no."""
+    for options in CANONICAL_OPTIONS:
+        if answer in options:
+            return list(options) if len(options) == 4 else options + [rng.choice(COLORS)]
+    return None
 
 
 def make_options(answer: str, letter_index: int, rng: random.Random) -> list[str]:
@@ -98,9 +118,15 @@ def to_rows(questions: list[Question], prefix: str, seed: int) -> pd.DataFrame:
     """Competition-format rows; `path` points at images/<prefix>/<image id>.png."""
     rng = random.Random(seed)
     records = []
+    counts = [0, 0, 0, 0]  # answers per letter so far: yes/no rows even them out
     for n, q in enumerate(questions):
-        letter_index = n % 4
-        options = make_options(q.answer, letter_index, rng)
+        options = canonical_options(q.answer, rng)
+        if options is not None:
+            letter_index = options.index(q.answer)
+        else:
+            letter_index = min(range(4), key=lambda i: (counts[i], (i - n) % 4))
+            options = make_options(q.answer, letter_index, rng)
+        counts[letter_index] += 1
         records.append({
             "id": f"{prefix.upper()}_{n:05d}",
             "path": f"images/{prefix}/{q.image_id}.png",
@@ -110,7 +136,7 @@ def to_rows(questions: list[Question], prefix: str, seed: int) -> pd.DataFrame:
             "family": family_of(q.answer),
         })
     frame = pd.DataFrame.from_records(records)
-    # The cycling letter would otherwise follow the question order: shuffle rows, keep balance.
+    # The balancing letter would otherwise follow the question order: shuffle rows.
     return frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
 
 
