@@ -31,7 +31,6 @@ Writes bench.json, bench.md and loss_curves.png to ARTIFACTS_DIR/bench/.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -582,24 +581,14 @@ def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
 def main() -> int:
     import torch
 
-    from vqa.memory import parse_memory
-    from vqa.realsize import build_random_model
+    from vqa.realsize import bench_run, build_random_model
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cap", help="emulate a card of this size, e.g. 24GiB")
-    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny model, no timing claims")
-    parser.add_argument("--model-dir", help="a local model instead of building real sizes")
-    args = parser.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.dry_run:
-        print("bench: no CUDA GPU here; this benchmark runs on a GPU machine only")
+    run = bench_run("bench", __doc__.splitlines()[0], "/tmp/vqa-bench",
+                    "CPU, tiny model, no timing claims")
+    if run is None:
         return 0
-    if args.dry_run and not args.model_dir:
-        sys.exit("bench: --dry-run needs --model-dir")
-    out = Path(os.environ.get("ARTIFACTS_DIR", "artifacts")) / "bench"
-    out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(os.environ.get("BENCH_SCRATCH", "/tmp/vqa-bench"))
-    cap_bytes = parse_memory(args.cap) if args.cap else None
+    args, cuda, out, scratch, cap_bytes = (run.args, run.cuda, run.out, run.scratch,
+                                           run.cap_bytes)
     if cap_bytes and cuda:
         torch.cuda.set_per_process_memory_fraction(
             cap_bytes / torch.cuda.get_device_properties(0).total_memory)

@@ -119,8 +119,11 @@ def bench_model(model_dir: Path, scratch: Path, cap_bytes: int | None, cuda: boo
     base = [f"MODEL_ID={model_dir}", "QUANT=4bit", f"ARTIFACTS_DIR={scratch / 'artifacts'}"]
     if cap_bytes:
         base.append(f"TARGET_GPU_MEMORY={cap_bytes / GIB:.2f}GiB")
-    datasets = {name: write_synthetic_data(scratch / name.replace(" ", "-"), most, 0, size)
-                for name, size, _ in images()}
+    # Written once: the prediction phase's process reuses what the training phase's wrote.
+    datasets = {name: scratch / name.replace(" ", "-") for name, _, _ in images()}
+    for name, size, _ in images():
+        if not (datasets[name] / "train.csv").is_file():
+            write_synthetic_data(datasets[name], most, 0, size)
 
     def setting(cap, data_dir=None):
         return load_config(base + ([f"MAX_PIXELS={cap}"] if cap else [])
@@ -253,25 +256,16 @@ def markdown(results: list[dict], header: str) -> str:
 def main() -> int:
     import torch
 
-    from vqa.memory import parse_memory
-    from vqa.realsize import build_random_model
+    from vqa.realsize import bench_run, build_random_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cap", help="emulate a card of this size, e.g. 24GiB")
-    parser.add_argument("--dry-run", action="store_true", help="CPU, no measurement")
-    parser.add_argument("--model-dir", help="a local model instead of building real sizes")
     parser.add_argument("--phase", choices=["train", "predict"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    cuda = torch.cuda.is_available()
-    if not cuda and not args.dry_run:
-        print("bench-memory: no CUDA GPU here; this benchmark runs on a GPU machine only")
+    run = bench_run("bench-memory", parser.description, "/tmp/vqa-bench-memory",
+                    "CPU, no measurement", parser)
+    if run is None:
         return 0
-    if args.dry_run and not args.model_dir:
-        sys.exit("bench-memory: --dry-run needs --model-dir")
-    out = Path(os.environ.get("ARTIFACTS_DIR", "artifacts")) / "bench-memory"
-    out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(os.environ.get("BENCH_SCRATCH", "/tmp/vqa-bench-memory"))
-    cap_bytes = parse_memory(args.cap) if args.cap else None
+    args, cuda, out, scratch, cap_bytes = (run.args, run.cuda, run.out, run.scratch,
+                                           run.cap_bytes)
     names = os.environ.get("BENCH_MODELS", "3B,7B").split(",")
     results = []
     for name in ([args.model_dir] if args.model_dir else names):

@@ -9,7 +9,10 @@ locally); its token ids sit inside the real vocabulary, whose full size the mode
 
 from __future__ import annotations
 
+import argparse
+import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -109,3 +112,40 @@ def write_synthetic_data(folder: Path, train_rows: int, test_rows: int,
     frame.iloc[:train_rows].to_csv(folder / "train.csv", index=False)
     frame.iloc[train_rows:].drop(columns=["answer"]).to_csv(folder / "test.csv", index=False)
     return folder
+
+
+@dataclass
+class BenchRun:
+    """What a GPU benchmark script starts from: its arguments, the device, where to write."""
+
+    args: argparse.Namespace
+    cuda: bool
+    out: Path  # ARTIFACTS_DIR/<name>
+    scratch: Path  # BENCH_SCRATCH: models and synthetic data
+    cap_bytes: int | None  # --cap, parsed
+
+
+def bench_run(name: str, description: str, scratch: str, dry_run_help: str,
+              parser: argparse.ArgumentParser | None = None) -> BenchRun | None:
+    """The shared command line of `make bench` and `make bench-memory`: --cap, --dry-run,
+    --model-dir (on top of `parser`'s own arguments, if given). Returns None after saying so on
+    a machine without CUDA (unless --dry-run); --dry-run without --model-dir exits."""
+    import sys
+
+    from vqa.memory import parse_memory
+
+    parser = parser or argparse.ArgumentParser(description=description)
+    parser.add_argument("--cap", help="emulate a card of this size, e.g. 24GiB")
+    parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
+    parser.add_argument("--model-dir", help="a local model instead of building real sizes")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.dry_run:
+        print(f"{name}: no CUDA GPU here; this benchmark runs on a GPU machine only")
+        return None
+    if args.dry_run and not args.model_dir:
+        sys.exit(f"{name}: --dry-run needs --model-dir")
+    out = Path(os.environ.get("ARTIFACTS_DIR", "artifacts")) / name
+    out.mkdir(parents=True, exist_ok=True)
+    return BenchRun(args, cuda, out, Path(os.environ.get("BENCH_SCRATCH", scratch)),
+                    parse_memory(args.cap) if args.cap else None)
