@@ -69,12 +69,16 @@ class Config:
         """The embedded tiny model's folder (where `make model` writes it)."""
         return self.artifacts_dir / "base-model"
 
-    def loader_workers(self, cuda: bool) -> int:
+    def loader_workers(self, cuda: bool | None = None) -> int:
         """DATALOADER_WORKERS, or when unset: on a GPU, up to 4 (one core left to the main
         process), so image decoding and preprocessing overlap the GPU's work; on CPU, 0 (the
-        model's own threads use the cores)."""
+        model's own threads use the cores). `cuda`: None = whether torch sees a GPU."""
         if self.dataloader_workers is not None:
             return self.dataloader_workers
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
         return min(4, (os.cpu_count() or 1) - 1) if cuda else 0
 
     @property

@@ -11,7 +11,6 @@ import logging
 
 import numpy as np
 import pandas as pd
-import torch
 
 from vqa.config import Config
 from vqa.data import LETTERS, read_table
@@ -73,7 +72,7 @@ def evaluate(config: Config) -> dict:
     def run(rows, blank=False, desc="eval"):
         return predict_rows(model, processor, rows, config.data_dir, batch_size=batch,
                             mode="score", blank_images=blank, desc=desc,
-                            workers=config.loader_workers(torch.cuda.is_available())).answers
+                            workers=config.loader_workers()).answers
 
     val_answers = run(val_rows, desc="validation")
     matrix = confusion(val_rows, val_answers)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from vqa import distributed
 from vqa.config import Config
 from vqa.data import read_table
@@ -69,7 +67,7 @@ def submit(config: Config) -> dict:
     result = predict_rows(model, processor, rows, config.data_dir, batch_size=batch,
                           mode=config.infer_mode, max_new_tokens=config.max_new_tokens,
                           desc="submit", on_batch=journal.append, shard=(here.rank, here.size),
-                          workers=config.loader_workers(torch.cuda.is_available()))
+                          workers=config.loader_workers())
     distributed.barrier()
     predict_seconds = time.perf_counter() - started
     if not here.is_main:
