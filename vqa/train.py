@@ -158,10 +158,15 @@ def backoff_trainer_class():
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self.state.global_step != self._window_step:
                 self._window, self._window_step = [], self.state.global_step
+            failure = None
             try:
                 loss = self._run_pieces(model, inputs, num_items_in_batch)
             except torch.cuda.OutOfMemoryError as error:
-                loss = self._recover(model, inputs, num_items_in_batch, error)
+                # Recover outside the except block and without the traceback: its frames hold
+                # the failed forward's activations, which free_memory() could not release.
+                failure = error.with_traceback(None)
+            if failure is not None:
+                loss = self._recover(model, inputs, num_items_in_batch, failure)
             self._window.append(({k: v.cpu() if torch.is_tensor(v) else v
                                   for k, v in inputs.items()}, num_items_in_batch))
             return loss
@@ -232,7 +237,7 @@ def backoff_trainer_class():
                         self._run_pieces(model, self._prepare_inputs(earlier), items, replay=True)
                     return self._run_pieces(model, inputs, num_items_in_batch)
                 except torch.cuda.OutOfMemoryError as again:
-                    error = again
+                    error = again.with_traceback(None)  # (see training_step)
 
     return BackoffTrainer
 
