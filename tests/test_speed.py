@@ -1,8 +1,11 @@
-"""The speed levers compute the same function: grouped window attention and the loss at the
-labelled positions, against transformers' own paths, on the tiny model (CPU)."""
+"""The speed levers compute the same function: grouped window attention, the loss at the
+labelled positions and the prediction levers (fused chunked MLPs, the vision tower in chunks,
+the letters-only head, rope positions on the CPU), against transformers' and peft's own paths,
+on the tiny model (CPU)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pandas as pd
@@ -111,6 +114,93 @@ def test_label_window_covers_the_earliest_labelled_row():
     assert label_window(torch.full((1, 4), -100)) == 1
 
 
+@pytest.fixture
+def adapted(model_and_batch):
+    """The tiny model under a LoRA adapter with non-zero B (an untrained one adds nothing),
+    and a prediction batch of the three image sizes."""
+    from peft import LoraConfig, get_peft_model
+
+    model, batch = model_and_batch
+    torch.manual_seed(1)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                           "up_proj", "down_proj"], init_lora_weights=False))
+    peft_model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return peft_model, inputs
+
+
+def test_fused_chunked_mlps_and_vision_chunks_give_peft_s_logits(adapted, monkeypatch):
+    from vqa import speed
+
+    model, inputs = adapted
+    with torch.inference_mode():
+        stock = model(**inputs, logits_to_keep=1).logits
+    calls = []
+    original = speed.effective_weight
+    monkeypatch.setattr(speed, "effective_weight", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(speed, "FUSED_MIN_TOKENS", 1)
+    monkeypatch.setattr(speed, "MLP_CHUNK_TOKENS", 100)  # chunks end mid-row
+    n = speed.fuse_inference_mlps(model)
+    linears = speed.fuse_inference_linears(model)
+    speed.chunk_vision_tower(model, max_patches=1)  # one image a chunk
+    with torch.inference_mode():
+        fast = model(**inputs, logits_to_keep=1).logits
+    config = model.get_base_model().config
+    assert n == config.text_config.num_hidden_layers + config.vision_config.depth
+    images = len(inputs["image_grid_thw"])  # the vision tower ran once per image
+    layers = config.text_config.num_hidden_layers
+    assert linears == 4 * layers  # q, k, v, o (the MLPs' projections are the MLPs')
+    assert len(calls) == 3 * (layers + config.vision_config.depth * images) + 4 * layers
+    torch.testing.assert_close(fast, stock, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # training-style calls keep peft's path
+        calls.clear()
+        model.train()
+        model(**inputs, logits_to_keep=1)
+        model.eval()
+    assert not calls
+
+
+def test_effective_weight_is_what_peft_applies(adapted):
+    from peft.tuners.lora import LoraLayer
+
+    from vqa.speed import effective_weight
+
+    model, _ = adapted
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    x = torch.randn(5, layer.in_features)
+    weight, bias = effective_weight(layer, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.nn.functional.linear(x, weight, bias), layer(x))
+    layer.merged_adapters.append("default")  # merged: the caller keeps peft's path
+    assert effective_weight(layer, torch.float32) is None
+    layer.merged_adapters.clear()
+
+
+def test_letters_only_head_and_rope_on_cpu_give_the_same_letter_scores(adapted):
+    from vqa.speed import LetterHead, RopeIndex, letter_columns, letters_only_head
+
+    model, inputs = adapted
+    letters = [5, 9, 2, 7]
+    with torch.inference_mode():
+        stock = model(**inputs, logits_to_keep=1).logits[:, -1, letters]
+        positions = RopeIndex(model.get_base_model().config)(inputs)
+        letters_only_head(model, letters)
+        cut = model(**inputs, position_ids=positions, logits_to_keep=1).logits[:, -1]
+    assert isinstance(model.get_base_model().lm_head, LetterHead)
+    assert cut.shape == stock.shape
+    torch.testing.assert_close(cut[:, letter_columns(model, letters)], stock)
+    assert letter_columns(model, [7, 5]) == [3, 0]
+
+
+def test_image_groups_keep_whole_images_under_the_limit():
+    from vqa.speed import image_groups
+
+    assert image_groups([5, 5, 5, 20, 3, 3], 10) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert image_groups([], 10) == []
+    assert image_groups([4], 10) == [(0, 1)]
+
+
 def test_bench_runs_every_phase_on_cpu(tiny_model_dir, tmp_path):
     """`make bench` on CPU: reference and vqa's train and predict, the levers, the profile."""
     import json
@@ -132,6 +222,9 @@ def test_bench_runs_every_phase_on_cpu(tiny_model_dir, tmp_path):
             ("predict", "reference: generate, stock vision attention"),
             ("predict", "vqa: score (make submit)"), ("predict", "vqa: INFER_MODE=generate"),
             ("predict", "+ grouped vision attention"), ("predict", "+ LoRA weights in bf16"),
+            ("predict", "+ LoRA merged on the fly, MLPs in chunks of tokens"),
+            ("predict", "+ output layer cut to the four letters"),
+            ("train", "+ expandable allocator segments"),
             ("predict", "preparation alone (images + processor, one process)"),
             ("train", "+ grouped vision attention"),
             ("train", "+ loss at the labelled positions")} <= setups

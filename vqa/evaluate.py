@@ -64,7 +64,7 @@ def test_rows_with_key(config: Config) -> list[dict] | None:
 def evaluate(config: Config) -> dict:
     adapter = config.artifacts_dir / "lora_adapter"
     processor = load_processor(config)
-    model, source = load_for_inference(config, adapter)
+    model, source = load_for_inference(config, adapter, processor, mode="score")
     log.info("evaluating %s", source)
     batch = plan_run(config, processor, predict_csv="train.csv").pred_batch_size
     _, val_rows, _ = split_rows(config)

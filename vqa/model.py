@@ -9,7 +9,8 @@ import torch
 
 from vqa import distributed
 from vqa.config import Config
-from vqa.speed import use_grouped_vision_attention
+from vqa.speed import (chunk_vision_tower, fuse_inference_linears, fuse_inference_mlps,
+                       letters_only_head, use_grouped_vision_attention)
 
 
 class ModelError(RuntimeError):
@@ -117,8 +118,10 @@ def load_model(config: Config, *, for_training: bool):
 
 
 # prepare_model_for_kbit_training casts every unquantized weight (embeddings, lm_head, norms,
-# biases) to fp32: +4.4 GiB on the 7B and an autocast copy of lm_head each step.
-FP32_CASTS = True
+# biases) to fp32: +4.4 GiB on the 7B, an autocast copy of lm_head each step and an fp32
+# residual stream. Off: those stay bf16 as loaded (the LoRA weights and their optimizer stay
+# fp32); `make bench` compares speed, memory and the loss curve of both (docs/BENCHMARKS.md).
+FP32_CASTS = False
 
 
 def attach_lora(model, config: Config, *, fp32_casts: bool | None = None):
@@ -155,8 +158,25 @@ def adapter_in_compute_dtype(model) -> None:
             param.data = param.data.to(dtype)
 
 
-def load_for_inference(config: Config, adapter_dir: Path | None):
-    """The base model with the trained adapter when one exists; says which it is."""
+def prepare_for_inference(model, processor, mode: str) -> None:
+    """vqa/speed.py's prediction levers: the LoRA merged on the fly, MLPs in chunks of tokens,
+    the vision tower in chunks of images, and for one-pass scoring an output layer of the four
+    letters only."""
+    from vqa.data import letter_token_ids
+
+    fuse_inference_mlps(model)
+    fuse_inference_linears(model)  # the LoRA layers the MLPs above do not cover
+    chunk_vision_tower(model)
+    if mode == "score":
+        letters_only_head(model, letter_token_ids(processor.tokenizer))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the full lm_head's memory back to the card
+
+
+def load_for_inference(config: Config, adapter_dir: Path | None, processor=None,
+                       mode: str | None = None):
+    """The base model with the trained adapter when one exists, ready for `mode` (default
+    INFER_MODE) predictions when `processor` is given; says which model it is."""
     model = load_model(config, for_training=False)
     if adapter_dir is not None and (Path(adapter_dir) / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -167,4 +187,6 @@ def load_for_inference(config: Config, adapter_dir: Path | None):
     else:
         source = "base model only (no adapter found: run `make train` first to fine-tune)"
     model.eval()
+    if processor is not None:
+        prepare_for_inference(model, processor, mode or config.infer_mode)
     return model, source

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from vqa.data import LETTERS, VQACollator, letter_token_ids
 from vqa.oom import FaultInjector, free_memory
+from vqa.speed import RopeIndex, inner_model, letter_columns
 
 log = logging.getLogger("vqa")
 
@@ -45,7 +46,8 @@ def parse_letter(text: str) -> str | None:
 
 
 def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
 
 
 def _model_device(model):
@@ -56,12 +58,14 @@ def _model_device(model):
 def score_batch(model, batch: dict, letter_ids: list[int]) -> torch.Tensor:
     """Probabilities over A-D for each row of a left-padded batch: shape (rows, 4)."""
     logits = model(**_to_device(batch, _model_device(model)), logits_to_keep=1).logits[:, -1]
-    return torch.softmax(logits[:, letter_ids].float(), dim=-1).cpu()
+    columns = letter_columns(model, letter_ids)  # the whole vocabulary or a LetterHead's four
+    return torch.softmax(logits[:, columns].float(), dim=-1).cpu()
 
 
 @torch.inference_mode()
 def generate_batch(model, processor, batch: dict, max_new_tokens: int) -> list[str]:
     batch = _to_device(batch, _model_device(model))
+    batch.pop("position_ids", None)  # generate keeps the rope offsets it computes itself
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = out[:, batch["input_ids"].shape[1]:]
     return processor.batch_decode(new_tokens, skip_special_tokens=True)
@@ -78,6 +82,10 @@ def length_order(rows: list[dict], processor) -> list[int]:
 class PredictOutOfMemory(RuntimeError):
     """One row alone does not fit: the message names it and the remedy."""
 
+
+# One-pass scoring computes the rope positions with the batch on the CPU (vqa/speed.py, lever 6);
+# make bench turns it off to measure it.
+ROPE_ON_CPU = True
 
 # Fault injection for tests (vqa/oom.py); replaced by tests that need other faults.
 FAULTS = FaultInjector()
@@ -99,6 +107,10 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
     """
     collate = VQACollator(processor, Path(data_dir), train=False, blank_images=blank_images)
     result = Predictions(text_only=collate.text_only)
+    inner = inner_model(model)
+    rope = RopeIndex(inner.config) if mode == "score" and ROPE_ON_CPU else None
+    job = _Prepare(collate, rope=rope,
+                   pixel_dtype=inner.model.visual.dtype)
     letter_ids = letter_token_ids(processor.tokenizer)
     order = length_order(rows, processor)
 
@@ -133,16 +145,17 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
             answer(chunk, batch)
             return len(chunk)
         except torch.cuda.OutOfMemoryError:
-            free_memory()
-            if len(chunk) == 1:
-                raise PredictOutOfMemory(
-                    f"row id {chunk[0]['id']} ({chunk[0]['path']}) does not fit in GPU memory "
-                    f"even alone; lower MAX_PIXELS or use a larger card") from None
-            half = len(chunk) // 2
-            result.oom_splits.append(len(chunk))
-            log.warning("out of GPU memory at batch %d: retrying as %d + %d", len(chunk), half,
-                        len(chunk) - half)
-            return min(answer_with_backoff(chunk[:half]), answer_with_backoff(chunk[half:]))
+            pass  # retried below, outside: the traceback's frames hold the batch's activations
+        free_memory()
+        if len(chunk) == 1:
+            raise PredictOutOfMemory(
+                f"row id {chunk[0]['id']} ({chunk[0]['path']}) does not fit in GPU memory "
+                f"even alone; lower MAX_PIXELS or use a larger card") from None
+        half = len(chunk) // 2
+        result.oom_splits.append(len(chunk))
+        log.warning("out of GPU memory at batch %d: retrying as %d + %d", len(chunk), half,
+                    len(chunk) - half)
+        return min(answer_with_backoff(chunk[:half]), answer_with_backoff(chunk[half:]))
 
     # The single-process plan: length-sorted rows cut into batches. With several ranks each
     # takes every world-th batch whole, so a row meets the same batch as in one process.
@@ -151,7 +164,7 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
     mine = [[rows[i] for i in batch] for batch in batches[rank::world]]
     size = batch_size
     with tqdm(total=sum(map(len, mine)), desc=desc, unit="row", leave=False) as bar:
-        for batch, (prepared, text_only) in zip(mine, prepare(mine, collate, workers)):
+        for batch, (prepared, text_only) in zip(mine, prepare(mine, job, workers)):
             collate.text_only.update(text_only)
             start = 0
             while start < len(batch):
@@ -176,26 +189,35 @@ class _Prepare:
     """A batch's collated form and the ids the collator asked as text only, with the reason
     (in a worker process the collator's own record stays there, so it travels with the batch)."""
 
-    def __init__(self, collate: VQACollator):
-        self.collate = collate
+    def __init__(self, collate: VQACollator, rope: RopeIndex | None = None,
+                 pixel_dtype: torch.dtype | None = None):
+        self.collate, self.rope, self.pixel_dtype = collate, rope, pixel_dtype
 
     def __call__(self, rows: list[dict]) -> tuple[dict, dict[str, str]]:
         batch = self.collate(rows)
+        if self.rope is not None:  # the forward then skips its own per-row loop (vqa/speed.py)
+            positions = self.rope(batch)
+            if positions is not None:
+                batch["position_ids"] = positions
+        if self.pixel_dtype is not None and batch.get("pixel_values") is not None:
+            # the vision tower casts to its dtype first: half the bytes to copy, same values
+            batch["pixel_values"] = batch["pixel_values"].to(self.pixel_dtype)
         ids = {str(row["id"]) for row in rows}
         return batch, {i: why for i, why in self.collate.text_only.items() if i in ids}
 
 
-def prepare(batches: list[list[dict]], collate: VQACollator, workers: int):
+def prepare(batches: list[list[dict]], job: _Prepare, workers: int):
     """The collated batches in order; with `workers` > 0, made ahead by a torch DataLoader's
-    worker processes (two batches ahead each) while the caller runs the model."""
-    job = _Prepare(collate)
+    worker processes (two batches ahead each, in pinned memory on a GPU machine) while the
+    caller runs the model."""
     if workers <= 0 or len(batches) < 2:
         return map(job, batches)
     from torch.utils.data import DataLoader
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked
     return iter(DataLoader(batches, batch_size=None, collate_fn=job,
-                           num_workers=min(workers, len(batches)), prefetch_factor=2))
+                           num_workers=min(workers, len(batches)), prefetch_factor=2,
+                           pin_memory=torch.cuda.is_available()))
 
 
 def accuracy_by(rows: list[dict], answers: dict[str, str], key: str) -> dict[str, dict]:

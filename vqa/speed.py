@@ -40,7 +40,12 @@ def grouped_attention(module, query, key, value, attention_mask=None, scaling=No
     if cu_seq_lens_q is None or query.shape[0] != 1:
         raise ValueError("grouped_attention serves the vision tower's packed windows only")
     tokens = query.shape[2]
-    bounds = cu_seq_lens_q.tolist()
+    # One read of the boundaries per forward pass: every block gets the same tensor, and each
+    # .tolist() would make the CPU wait for the GPU before it launches the next block's work.
+    bounds = getattr(cu_seq_lens_q, "_vqa_bounds", None)
+    if bounds is None:
+        bounds = cu_seq_lens_q.tolist()
+        cu_seq_lens_q._vqa_bounds = bounds
     starts, lengths = bounds[:-1], [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     by_length: dict[int, list[int]] = {}
     for start, length in zip(starts, lengths):
@@ -112,3 +117,224 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None):
     labels = inputs.pop("labels")
     outputs = model(**inputs, logits_to_keep=label_window(labels))
     return labelled_loss(outputs, labels, num_items_in_batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction levers (eval mode, no gradients), applied by `vqa.model.load_for_inference`.
+#
+# 3. The LoRA merged on the fly (`fuse_inference_linears`), and the MLPs over chunks of tokens
+#    (`fuse_inference_mlps`).
+#    A 4-bit projection with peft's adapter costs, at every call: bitsandbytes dequantizes the
+#    weight to bf16 and multiplies, peft clones that output (a defensive copy for backprop), runs
+#    the two adapter matmuls over every token and adds: three extra tensors the size of the
+#    output, 18,944 columns a token in the 7B's MLP. Here the MLP takes each projection's dense
+#    weight once (dequantized, plus scaling * B @ A: one small matmul per call, no activation
+#    sized work) and runs gate, up and down over MLP_CHUNK_TOKENS tokens at a time, so the
+#    widest activations stay a chunk's, not the batch's. The attention projections get the same
+#    dense weight, unchunked. The same function up to bf16 rounding.
+# 4. The vision tower over a bounded number of patches at a time (`chunk_vision_tower`): its
+#    attention and MLP activations grow with the batch's patches; images are independent in it,
+#    so chunks of whole images give the same merged tokens.
+# 5. The output layer cut to the four option letters (`letters_only_head`) for one-pass scoring:
+#    the 7B's lm_head is 152,064 x 3,584 bf16 = 1 GiB of a prediction's memory, for 4 rows used.
+# 6. Rope positions computed with the batch on the CPU (`RopeIndex`): Qwen2.5-VL's
+#    get_rope_index walks the batch row by row with small kernels and device syncs (`.tolist()`,
+#    `.item()`) while the GPU waits; given `position_ids`, the forward skips it.
+
+FUSED_MIN_TOKENS = 256  # fewer tokens (generate's decode steps): bitsandbytes' 4-bit kernels win
+MLP_CHUNK_TOKENS = 4096
+# 64 images of 448x448 in one pass: each extra pass costs ~40 ms of fixed work (H200, make bench),
+# so chunks only cut the peak of large images (seven 1400x1400 images hold 70,000 patches).
+VISION_CHUNK_PATCHES = 65536
+
+
+def effective_weight(linear, dtype: torch.dtype):
+    """(weight, bias) that `linear` applies, dense in `dtype`: dequantized when 4-bit, with its
+    active plain-LoRA adapters added. None where an adapter is of another kind (DoRA, LoRA bias,
+    merged or disabled state): the caller keeps the module's own forward there."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.integrations import dequantize_module_weight
+
+    if not isinstance(linear, LoraLayer):
+        return dequantize_module_weight(linear).to(dtype), linear.bias
+    base = linear.get_base_layer()
+    adapters = [a for a in linear.active_adapters if a in linear.lora_A]
+    if (linear.merged or linear.disable_adapters
+            or any(a in linear.lora_variant or linear.lora_bias.get(a) for a in adapters)):
+        return None
+    weight = dequantize_module_weight(base).to(dtype)
+    for name in adapters:
+        weight = torch.addmm(weight, linear.lora_B[name].weight.to(dtype),
+                             linear.lora_A[name].weight.to(dtype), alpha=linear.scaling[name])
+    return weight, None if base.bias is None else base.bias.to(dtype)
+
+
+def fused_mlp_forward(mlp, original):
+    """`mlp.forward` (down(act(gate(x)) * up(x))) as described in lever 3 above."""
+    def forward(x):
+        tokens = x.shape[:-1].numel()
+        if torch.is_grad_enabled() or mlp.training or tokens < FUSED_MIN_TOKENS:
+            return original(x)
+        weights = [effective_weight(p, x.dtype) for p in (mlp.gate_proj, mlp.up_proj,
+                                                          mlp.down_proj)]
+        if any(w is None for w in weights):
+            return original(x)
+        (gate, gate_b), (up, up_b), (down, down_b) = weights
+        flat = x.reshape(tokens, x.shape[-1])
+        out = flat.new_empty(tokens, down.shape[0])
+        for start in range(0, tokens, MLP_CHUNK_TOKENS):
+            piece = flat[start:start + MLP_CHUNK_TOKENS]
+            hidden = mlp.act_fn(F.linear(piece, gate, gate_b))
+            hidden *= F.linear(piece, up, up_b)
+            out[start:start + MLP_CHUNK_TOKENS] = F.linear(hidden, down, down_b)
+        return out.reshape(*x.shape[:-1], down.shape[0])
+    return forward
+
+
+def fuse_inference_mlps(model) -> int:
+    """Every gate/up/down MLP of the model (language model and vision tower) takes the fused,
+    chunked path in inference; training and small calls keep the stock one. Returns the count."""
+    count = 0
+    for module in model.modules():
+        if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            if not getattr(module, "_vqa_fused", False):
+                module.forward = fused_mlp_forward(module, module.forward)
+                module._vqa_fused = True
+                count += 1
+    return count
+
+
+def image_groups(sizes: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive images (first, last + 1) of at most `limit` patches together; an image
+    larger than `limit` alone."""
+    groups, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > limit:
+            groups.append((start, i))
+            start, total = i, 0
+        total += size
+    if sizes:
+        groups.append((start, len(sizes)))
+    return groups
+
+
+def fused_linear_forward(layer, original):
+    """A LoRA layer's forward as one matmul with its effective weight (lever 3)."""
+    def forward(x, *args, **kwargs):
+        if (args or kwargs or torch.is_grad_enabled() or layer.training
+                or x.shape[:-1].numel() < FUSED_MIN_TOKENS):
+            return original(x, *args, **kwargs)
+        weight = effective_weight(layer, x.dtype)
+        return original(x) if weight is None else F.linear(x, *weight)
+    return forward
+
+
+def fuse_inference_linears(model) -> int:
+    """Every LoRA layer outside the fused MLPs (`fuse_inference_mlps` first; what remains are
+    the attention projections) applies its effective weight in one matmul in inference.
+    Returns the count."""
+    from peft.tuners.lora import LoraLayer
+
+    in_mlps = {id(getattr(m, n)) for m in model.modules() if getattr(m, "_vqa_fused", False)
+               for n in ("gate_proj", "up_proj", "down_proj") if hasattr(m, n)}
+    count = 0
+    for module in model.modules():
+        if (isinstance(module, LoraLayer) and id(module) not in in_mlps
+                and not getattr(module, "_vqa_fused", False)):
+            module.forward = fused_linear_forward(module, module.forward)
+            module._vqa_fused = True
+            count += 1
+    return count
+
+
+def chunk_vision_tower(model, max_patches: int | None = None) -> None:
+    """The vision tower over whole images at most `max_patches` (VISION_CHUNK_PATCHES) at a time
+    in inference. Only the merged tokens (`pooler_output`, what the language model reads) are
+    kept in order; `last_hidden_state` is each chunk's, concatenated."""
+    visual = inner_model(model).model.visual
+    if getattr(visual, "_vqa_chunked", False):
+        return
+    original = visual.forward
+
+    def forward(hidden_states, grid_thw, **kwargs):
+        limit = max_patches or VISION_CHUNK_PATCHES
+        if torch.is_grad_enabled() or visual.training or hidden_states.shape[0] <= limit:
+            return original(hidden_states, grid_thw, **kwargs)
+        sizes = grid_thw.prod(-1).tolist()
+        outputs, first_patch = [], 0
+        for a, b in image_groups(sizes, limit):
+            n = sum(sizes[a:b])
+            outputs.append(original(hidden_states[first_patch:first_patch + n], grid_thw[a:b],
+                                    **kwargs))
+            first_patch += n
+        out = outputs[0]
+        out.last_hidden_state = torch.cat([o.last_hidden_state for o in outputs])
+        out.pooler_output = torch.cat([o.pooler_output for o in outputs])
+        return out
+
+    visual.forward = forward
+    visual._vqa_chunked = True
+
+
+class LetterHead(torch.nn.Linear):
+    """An output layer holding only the rows of `token_ids` (the option letters)."""
+
+    token_ids: list[int]
+
+
+def letters_only_head(model, token_ids: list[int]) -> None:
+    """Replaces the model's lm_head by a LetterHead (lever 5): logits are then the letters' in
+    `token_ids` order. For one-pass scoring only; generation needs the whole vocabulary."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    inner = inner_model(model)
+    head = inner.get_output_embeddings()
+    if isinstance(head, LetterHead):
+        return
+    weight = dequantize_module_weight(head)
+    small = LetterHead(head.in_features, len(token_ids), bias=head.bias is not None,
+                       device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        small.weight.copy_(weight[token_ids])
+        if head.bias is not None:
+            small.bias.copy_(head.bias[token_ids])
+    small.requires_grad_(False)
+    small.token_ids = list(token_ids)
+    inner.set_output_embeddings(small)
+
+
+def letter_columns(model, token_ids: list[int]) -> list[int]:
+    """Where the letters `token_ids` sit among the model's output logits."""
+    head = inner_model(model).get_output_embeddings()
+    if isinstance(head, LetterHead):
+        return [head.token_ids.index(t) for t in token_ids]
+    return list(token_ids)
+
+
+def inner_model(model):
+    """The Qwen2_5_VLForConditionalGeneration inside a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if get_base is not None else model
+
+
+class RopeIndex:
+    """Qwen2.5-VL's 3-D rope positions of a collated batch, on the CPU, from the config alone
+    (lever 6). Borrows the model class's own functions, so the positions are the model's."""
+
+    def __init__(self, config):
+        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+
+        self.config = config
+        self._index = qwen.Qwen2_5_VLModel.get_rope_index
+        self._vision = qwen.Qwen2_5_VLModel.get_vision_position_ids
+
+    def get_vision_position_ids(self, *args, **kwargs):
+        return self._vision(self, *args, **kwargs)
+
+    def __call__(self, batch: dict) -> torch.Tensor | None:
+        if batch.get("image_grid_thw") is None or batch.get("mm_token_type_ids") is None:
+            return None  # text only: the model's own 1-D positions
+        positions, _ = self._index(self, batch["input_ids"], batch["mm_token_type_ids"],
+                                   image_grid_thw=batch["image_grid_thw"],
+                                   attention_mask=batch.get("attention_mask"))
+        return positions

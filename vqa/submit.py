@@ -49,7 +49,8 @@ def submit(config: Config) -> dict:
     test = read_table(config.data_dir / "test.csv", with_answer=False)
     order = submission_order(test, config.data_dir)
     processor = load_processor(config)
-    model, source = load_for_inference(config, config.artifacts_dir / "lora_adapter")
+    model, source = load_for_inference(config, config.artifacts_dir / "lora_adapter",
+                                       processor)
     log.info("predicting %d test rows with %s, INFER_MODE=%s, %d rank(s)", len(test), source,
              config.infer_mode, here.size)
     batch = plan_run(config, processor, predict_csv="test.csv").pred_batch_size
