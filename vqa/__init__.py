@@ -5,3 +5,11 @@ eval, submit. The modules: config (settings), data (CSV contract, prompts, colla
 (loading, 4-bit, LoRA), tiny + pretrain + easyvqa (the embedded default), memory (probes and
 planning), train, predict, evaluate, submission, submit, preflight, io (atomic artifacts).
 """
+
+import os
+
+# PyTorch's caching allocator with expandable segments: a batch of another shape grows the
+# segments it has instead of reserving new blocks beside the old, so peak reserved memory stays
+# near peak allocated (docs/BENCHMARKS.md). Set before torch initialises CUDA; a user's own
+# PYTORCH_CUDA_ALLOC_CONF wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
