@@ -199,16 +199,24 @@ def predict_phase(model_name, cases, datasets, setting, record, cuda, cap_bytes,
                   adapter) -> None:
     import torch
 
+    from vqa.data import letter_token_ids
     from vqa.model import attach_lora, load_for_inference, load_model
     from vqa.predict import predict_rows
+    from vqa.speed import letters_only_head
 
     if not (adapter / "adapter_config.json").is_file():  # an untrained one, as training leaves
         attach_lora(load_model(setting(None), for_training=True), setting(None)) \
             .save_pretrained(adapter)
         if cuda:
             torch.cuda.empty_cache()
-    model, _ = load_for_inference(setting(None), adapter)
-    for mode in ("score", "generate"):
+    processor = cases[0][2]
+    # As make submit prepares it for generate (whole lm_head), then for scoring (letters only).
+    model, _ = load_for_inference(setting(None), adapter, processor, mode="generate")
+    for mode in ("generate", "score"):
+        if mode == "score":
+            letters_only_head(model, letter_token_ids(processor.tokenizer))
+            if cuda:
+                torch.cuda.empty_cache()
         for name, config, processor, tokens, shapes, rows, plan in cases:
             batches = [(b, False) for b in BATCHES[mode]]
             if plan is not None and mode == "score":

@@ -16,6 +16,7 @@ from vqa.memory import (
     plan_batch_sizes,
     probe_machine,
     train_peak,
+    vision_chunk,
     visual_tokens_for,
 )
 
@@ -106,16 +107,17 @@ def test_published_3b_lora_count_is_the_one_training_reported():
 
 # The grid's target is 10% on every row; these bounds are what the fit achieves (BENCHMARKS.md
 # lists each row's error): allocated within 11%, reserved within 15%, and within 10% on all but
-# the two 1400x1400 scoring rows at batch 8 and 24 (+13% / -13%).
+# four of the 3B's scoring rows (-10% to -14%: the 3B's small language model leaves its vision
+# tower's share of the peak larger than the 7B's).
 def _measured_estimate(model_id, work, batch, length, visual):
     from vqa.speed import LABEL_WINDOW
 
     arch = _arch(model_id)
     if work == "train":
         return train_peak(arch, tokens=batch * length, patches=batch * 4 * visual,
-                          logit_rows=batch * LABEL_WINDOW, length=length)
-    return infer_peak(arch, batch=batch, tokens=batch * length, patches=batch * 4 * visual,
-                      mode=work)
+                          logit_rows=batch * LABEL_WINDOW, length=length, fp32_casts=False)
+    return infer_peak(arch, batch=batch, tokens=batch * length,
+                      vision_patches=vision_chunk([4 * visual] * batch), mode=work)
 
 
 @pytest.mark.parametrize("model_id, work, batch, length, visual, allocated, reserved",
@@ -131,12 +133,13 @@ def test_every_measured_peak_is_predicted_closely(model_id, work, batch, length,
     assert abs(sum(estimate.terms.values()) - estimate.reserved) < 1  # the terms add up
 
 
-def test_reserved_within_10_percent_on_all_but_the_two_largest_scoring_rows():
+def test_reserved_within_10_percent_on_all_but_four_3b_scoring_rows():
     misses = [(model_id.split("-")[-2], work, batch, visual)
               for model_id, work, batch, length, visual, _, reserved in MEASURED_PEAKS
               if reserved is not None and abs(_measured_estimate(
                   model_id, work, batch, length, visual).reserved / GIB / reserved - 1) > 0.10]
-    assert misses == [("7B", "score", 8, 2500), ("7B", "score", 24, 2500)]
+    assert misses == [("3B", "score", 64, 256), ("3B", "score", 24, 999),
+                      ("3B", "score", 64, 999), ("3B", "score", 8, 2500)]
 
 
 def test_peak_grows_with_batch_length_and_image_size():
@@ -145,7 +148,8 @@ def test_peak_grows_with_batch_length_and_image_size():
              for b, s, v in [(1, 370, 256), (2, 370, 256), (2, 1113, 999), (4, 1113, 999)]]
     assert train == sorted(train) and len(set(train)) == 4
     for mode in ("score", "generate"):
-        infer = [infer_peak(arch, batch=b, tokens=b * s, patches=b * 4 * v, mode=mode).reserved
+        infer = [infer_peak(arch, batch=b, tokens=b * s, vision_patches=b * 4 * v,
+                            mode=mode).reserved
                  for b, s, v in [(1, 370, 256), (8, 370, 256), (8, 1113, 999)]]
         assert infer == sorted(infer) and len(set(infer)) == 3
     # closed form: the 4-bit weights are half a byte a weight plus the quantization state
@@ -202,7 +206,9 @@ def test_planner_batches_follow_the_card_and_the_images():
              for card in ("T4", "A10G", "H100-80GB")}
     assert (small["T4"].per_device_batch <= small["A10G"].per_device_batch
             <= small["H100-80GB"].per_device_batch)
-    assert small["T4"].pred_batch_size < small["H100-80GB"].pred_batch_size
+    large = {card: _plan([f"TARGET_GPU={card}"], _work(2500, 2614))[0]
+             for card in ("T4", "H100-80GB")}
+    assert large["T4"].pred_batch_size < large["H100-80GB"].pred_batch_size
     big = _plan(["TARGET_GPU=A10G"], _work(2500, 2614))[0]
     assert big.per_device_batch < small["A10G"].per_device_batch
     assert big.pred_batch_size < small["A10G"].pred_batch_size

@@ -246,80 +246,91 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 TRAIN_BYTES_PER_LOGIT = 6.8  # per vocabulary entry per token row: bf16 logits, fp32 loss, grads
 # The saved residual stream and one recomputed layer (see train_peak), as a share of their bf16/
 # fp32 sizes: a fit, since the recomputation frees as it goes.
-TRAIN_ACTIVATION_SCALE = 0.57
+TRAIN_ACTIVATION_SCALE = 0.92
 # The vision tower's saved and recomputed activations, per patch, per block and hidden unit
-# (219 kB a patch in Qwen2.5-VL's 32 blocks of 1,280).
-TRAIN_BYTES_PER_PATCH_UNIT = 5.35
+# (106 kB a patch in Qwen2.5-VL's 32 blocks of 1,280).
+TRAIN_BYTES_PER_PATCH_UNIT = 2.59
 # The language model's attention with a padding mask (SDPA's masked kernel materialises scores):
 # bytes per score, one layer at a time, batch x heads x length x length.
-TRAIN_BYTES_PER_SCORE = 2.69
-TRAIN_RESERVE_OF_ACTIVATIONS = 0.275  # the caching allocator's reserve over the activations
-INFER_TOKEN_SCALE = 1.36  # x one decoder layer's bf16 activations per token
-SCORE_RESERVED_RATIO = 1.37  # reserve over the transient (non-weight) part, one-pass scoring
-GENERATE_RESERVED_RATIO = 1.1  # the same for generate
+TRAIN_BYTES_PER_SCORE = 0.72
+TRAIN_RESERVE_OF_ACTIVATIONS = 0.16  # the caching allocator's reserve over the activations
+INFER_TOKEN_SCALE = 17.5  # x the bf16 hidden state, per prompt token (residual, attention)
+INFER_BYTES_PER_SCORE = 0.023  # per batch x heads x length^2: grows faster than the tokens
+INFER_PATCH_SCALE = 13.6  # x the vision tower's bf16 hidden state, per patch of one chunk
+SCORE_RESERVED_RATIO = 1.08  # reserve over the transient (non-weight) part, one-pass scoring
+GENERATE_RESERVED_RATIO = 1.08  # the same for generate
 # The CUDA context and kernels outside PyTorch's allocator; subtracted from the card's memory.
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)
 PLAN_MARGIN = 0.10  # the plan keeps the predicted peak this far below the usable memory
 
 # Measured peaks (GiB) the coefficients were fitted to: `make bench-memory --cap 24GiB`
 # (scripts/bench_memory.py) on an NVIDIA H200, 2026-11-29, torch 2.11, transformers 5.23,
-# bitsandbytes 0.50.2, random-init real-size models: vqa's own train step (LoRA r32 on
-# q,k,v,o,gate,up,down, AdamW, bf16 autocast, non-reentrant checkpointing, fp32 casts, the loss
-# at the labelled positions) and predict_rows (grouped vision attention, bf16 adapter).
-# 448x448 = 256 visual tokens, 1024x768 = 999, 1400x1400 = 2,500, capped (MAX_PIXELS=1003520)
-# = 1,225. reserved is None where that run's reading is a floor its earlier work left in the
-# allocator (every inference row at 9.2 GiB, the 3B's rows after the 7B's at 9.7): a user's
-# process loads one model once, so those readings say nothing about the prediction.
+# bitsandbytes 0.50.2, random-init real-size models, each phase in a fresh process, expandable
+# allocator segments (vqa/__init__.py): vqa's own train step (LoRA r32 on q,k,v,o,gate,up,down,
+# AdamW, bf16 autocast, non-reentrant checkpointing, no fp32 casts, the loss at the labelled
+# positions) and predict_rows as vqa.model.prepare_for_inference sets it up (LoRA merged on the
+# fly, MLPs in chunks, letters-only head for scoring). The training coefficients were fitted to
+# the 7B rows alone; the 3B's training rows, measured after the fit, were held out (within 4%).
+# The inference coefficients are fitted to both models. 448x448 = 256 visual tokens,
+# 1024x768 = 999, 1400x1400 = 2,500, capped (MAX_PIXELS=1003520) = 1,225. The 7B's planned
+# 1400x1400 scoring batch (62, before this fit) ran out of memory and the 3B's scoring rows at
+# 1400x1400 batch 24 and later were cut by the run's time limit: not in the table.
 SEVEN, THREE = "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"
 MEASURED_PEAKS = [
     # (model, work, batch, sequence length, visual tokens per image, allocated, reserved)
-    (SEVEN, 'train', 2, 373, 256, 10.57, 11.57),  # 448x448
-    (SEVEN, 'train', 4, 373, 256, 11.25, 11.99),  # 448x448
-    (SEVEN, 'train', 8, 373, 256, 12.83, 14.21),  # 448x448
-    (SEVEN, 'train', 2, 1116, 999, 12.25, 13.46),  # 1024x768
-    (SEVEN, 'train', 4, 1116, 999, 15.5, 17.49),  # 1024x768
-    (SEVEN, 'train', 2, 2617, 2500, 16.89, 19.26),  # 1400x1400
-    (SEVEN, 'train', 4, 2617, 2500, 25.1, 28.91),  # 1400x1400
-    (SEVEN, 'train', 1, 2617, 2500, 12.79, 14.16),  # 1400x1400
-    (SEVEN, 'train', 2, 1342, 1225, 12.81, 14.21),  # 1400x1400 capped
-    (SEVEN, 'train', 4, 1342, 1225, 16.95, 19.23),  # 1400x1400 capped
-    (SEVEN, 'score', 8, 373, 256, 6.55, None),  # 448x448
-    (SEVEN, 'score', 24, 373, 256, 8.02, None),  # 448x448
-    (SEVEN, 'score', 64, 373, 256, 11.73, 13.18),  # 448x448
-    (SEVEN, 'score', 8, 1116, 999, 8.1, None),  # 1024x768
-    (SEVEN, 'score', 24, 1116, 999, 12.7, 14.61),  # 1024x768
-    (SEVEN, 'score', 23, 1116, 999, 12.41, 14.38),  # 1024x768
-    (SEVEN, 'score', 8, 2617, 2500, 11.25, 11.98),  # 1400x1400
-    (SEVEN, 'score', 24, 2617, 2500, 22.15, 32.95),  # 1400x1400
-    (SEVEN, 'score', 10, 2617, 2500, 12.61, 14.72),  # 1400x1400
-    (SEVEN, 'score', 8, 1342, 1225, 8.58, None),  # 1400x1400 capped
-    (SEVEN, 'score', 24, 1342, 1225, 14.12, 18.24),  # 1400x1400 capped
-    (SEVEN, 'score', 19, 1342, 1225, 12.39, 14.41),  # 1400x1400 capped
-    (SEVEN, 'generate', 2, 373, 256, 6.07, None),  # 448x448
-    (SEVEN, 'generate', 6, 373, 256, 6.36, None),  # 448x448
-    (SEVEN, 'generate', 2, 1116, 999, 6.38, None),  # 1024x768
-    (SEVEN, 'generate', 6, 1116, 999, 7.53, None),  # 1024x768
-    (SEVEN, 'generate', 2, 2617, 2500, 7.17, None),  # 1400x1400
-    (SEVEN, 'generate', 6, 2617, 2500, 9.89, 10.6),  # 1400x1400
-    (SEVEN, 'generate', 2, 1342, 1225, 6.5, None),  # 1400x1400 capped
-    (SEVEN, 'generate', 6, 1342, 1225, 7.88, None),  # 1400x1400 capped
-    (THREE, 'train', 4, 373, 256, 5.64, None),  # 448x448
-    (THREE, 'train', 16, 373, 256, 10.05, 10.71),  # 448x448
-    (THREE, 'train', 2, 1116, 999, 6.54, None),  # 1024x768
-    (THREE, 'train', 4, 1116, 999, 9.09, None),  # 1024x768
-    (THREE, 'train', 2, 2617, 2500, 10.22, 11.01),  # 1400x1400
-    (THREE, 'train', 4, 2617, 2500, 16.68, 19.36),  # 1400x1400
-    (THREE, 'train', 2, 1342, 1225, 6.99, None),  # 1400x1400 capped
-    (THREE, 'train', 4, 1342, 1225, 10.23, 11.27),  # 1400x1400 capped
-    (THREE, 'score', 8, 373, 256, 2.92, None),  # 448x448
-    (THREE, 'score', 24, 373, 256, 3.84, None),  # 448x448
-    (THREE, 'score', 64, 373, 256, 6.16, None),  # 448x448
-    (THREE, 'score', 8, 1116, 999, 4.01, None),  # 1024x768
-    (THREE, 'score', 24, 1116, 999, 7.13, None),  # 1024x768
-    # make bench (fresh processes), peak reserved only
-    (SEVEN, 'generate', 6, 371, 256, None, 6.77),  # 448x448
-    (SEVEN, 'score', 4, 371, 256, None, 6.51),  # 448x448
-    (SEVEN, 'score', 64, 371, 256, None, 14.75),  # 448x448, same row as the grid's 13.18
+    (SEVEN, 'train', 2, 373, 256, 7.46, 7.84),  # 448x448
+    (SEVEN, 'train', 4, 373, 256, 7.86, 8.41),  # 448x448
+    (SEVEN, 'train', 16, 373, 256, 11.24, 12.04),  # 448x448 (planner's)
+    (SEVEN, 'train', 2, 1116, 999, 8.55, 9.15),  # 1024x768
+    (SEVEN, 'train', 4, 1116, 999, 10.42, 11.11),  # 1024x768
+    (SEVEN, 'train', 8, 1116, 999, 14.21, 15.14),  # 1024x768 (planner's)
+    (SEVEN, 'train', 2, 2617, 2500, 11.19, 11.95),  # 1400x1400
+    (SEVEN, 'train', 4, 2617, 2500, 15.75, 16.69),  # 1400x1400
+    (SEVEN, 'train', 2, 1342, 1225, 8.93, 9.54),  # 1400x1400 capped
+    (SEVEN, 'train', 4, 1342, 1225, 11.22, 11.96),  # 1400x1400 capped
+    (SEVEN, 'generate', 2, 373, 256, 6.29, 6.34),  # 448x448
+    (SEVEN, 'generate', 6, 373, 256, 6.48, 6.59),  # 448x448
+    (SEVEN, 'generate', 2, 1116, 999, 6.52, 6.63),  # 1024x768
+    (SEVEN, 'generate', 6, 1116, 999, 7.24, 7.39),  # 1024x768
+    (SEVEN, 'generate', 2, 2617, 2500, 7.03, 7.21),  # 1400x1400
+    (SEVEN, 'generate', 6, 2617, 2500, 8.67, 9.11),  # 1400x1400
+    (SEVEN, 'generate', 2, 1342, 1225, 6.61, 6.69),  # 1400x1400 capped
+    (SEVEN, 'generate', 6, 1342, 1225, 7.51, 7.71),  # 1400x1400 capped
+    (SEVEN, 'score', 8, 373, 256, 5.6, 5.69),  # 448x448
+    (SEVEN, 'score', 24, 373, 256, 6.47, 6.69),  # 448x448
+    (SEVEN, 'score', 64, 373, 256, 8.09, 8.29),  # 448x448 (planner's)
+    (SEVEN, 'score', 8, 1116, 999, 6.53, 6.75),  # 1024x768
+    (SEVEN, 'score', 24, 1116, 999, 8.6, 8.78),  # 1024x768
+    (SEVEN, 'score', 64, 1116, 999, 13.89, 14.62),  # 1024x768 (planner's)
+    (SEVEN, 'score', 8, 2617, 2500, 7.96, 8.16),  # 1400x1400
+    (SEVEN, 'score', 24, 2617, 2500, 12.91, 13.55),  # 1400x1400
+    (THREE, 'train', 2, 373, 256, 3.71, 3.99),  # 448x448
+    (THREE, 'train', 4, 373, 256, 4.04, 4.37),  # 448x448
+    (THREE, 'train', 16, 373, 256, 6.61, 7.12),  # 448x448 (planner's)
+    (THREE, 'train', 2, 1116, 999, 4.67, 5.08),  # 1024x768
+    (THREE, 'train', 4, 1116, 999, 6.07, 6.55),  # 1024x768
+    (THREE, 'train', 16, 1116, 999, 14.87, 15.78),  # 1024x768 (planner's)
+    (THREE, 'train', 2, 2617, 2500, 6.69, 7.29),  # 1400x1400
+    (THREE, 'train', 4, 2617, 2500, 10.25, 10.91),  # 1400x1400
+    (THREE, 'train', 8, 2617, 2500, 17.35, 18.41),  # 1400x1400 (planner's)
+    (THREE, 'train', 2, 1342, 1225, 4.96, 5.45),  # 1400x1400 capped
+    (THREE, 'train', 4, 1342, 1225, 6.7, 7.21),  # 1400x1400 capped
+    (THREE, 'train', 16, 1342, 1225, 17.39, 18.47),  # 1400x1400 capped (planner's)
+    (THREE, 'generate', 2, 373, 256, 2.63, 2.72),  # 448x448
+    (THREE, 'generate', 6, 373, 256, 2.8, 2.9),  # 448x448
+    (THREE, 'generate', 2, 1116, 999, 2.82, 2.94),  # 1024x768
+    (THREE, 'generate', 6, 1116, 999, 3.58, 3.85),  # 1024x768
+    (THREE, 'generate', 2, 2617, 2500, 3.38, 3.52),  # 1400x1400
+    (THREE, 'generate', 6, 2617, 2500, 5.33, 5.83),  # 1400x1400
+    (THREE, 'generate', 2, 1342, 1225, 2.89, 3.03),  # 1400x1400 capped
+    (THREE, 'generate', 6, 1342, 1225, 3.84, 4.01),  # 1400x1400 capped
+    (THREE, 'score', 8, 373, 256, 2.87, 2.96),  # 448x448
+    (THREE, 'score', 24, 373, 256, 3.51, 3.64),  # 448x448
+    (THREE, 'score', 64, 373, 256, 5.34, 5.88),  # 448x448 (planner's)
+    (THREE, 'score', 8, 1116, 999, 3.83, 4.12),  # 1024x768
+    (THREE, 'score', 24, 1116, 999, 5.35, 5.89),  # 1024x768
+    (THREE, 'score', 64, 1116, 999, 8.46, 8.89),  # 1024x768 (planner's)
+    (THREE, 'score', 8, 2617, 2500, 5.13, 5.63),  # 1400x1400
 ]
 
 
@@ -362,9 +373,10 @@ def train_peak(arch: Architecture, *, tokens: int, patches: int, quant: str = "4
         "autocast's bf16 copy of lm_head": arch.vocab * arch.hidden * 2 if upcast else 0,
         "LoRA weights, gradients, AdamW states (fp32)": lora * 16,
         "dequantized weight buffers": 2 * arch.hidden * arch.intermediate * 2,
-        # fp32 residual stream saved at each checkpointed layer, one layer's MLP recomputed
+        # the residual stream saved at each checkpointed layer (fp32 behind fp32 embeddings,
+        # else bf16), one layer's MLP recomputed
         "checkpointed activations": TRAIN_ACTIVATION_SCALE * tokens * (
-            4 * arch.layers * arch.hidden + 12 * arch.intermediate),
+            (4 if upcast else 2) * arch.layers * arch.hidden + 12 * arch.intermediate),
         "language model attention scores": tokens * (length or tokens) * arch.heads
         * TRAIN_BYTES_PER_SCORE,
         "logits and loss": (tokens if logit_rows is None else logit_rows) * arch.vocab
@@ -379,27 +391,52 @@ def train_peak(arch: Architecture, *, tokens: int, patches: int, quant: str = "4
     return Estimate(allocated, allocated + terms["allocator reserve"], terms)
 
 
-def infer_peak(arch: Architecture, *, batch: int, tokens: int, patches: int, mode: str,
+def vision_chunk(patches_per_image: list[int]) -> int:
+    """The most patches the vision tower holds at once for these images (vqa/speed.py runs it
+    over chunks of whole images of at most VISION_CHUNK_PATCHES)."""
+    from vqa.speed import VISION_CHUNK_PATCHES, image_groups
+
+    groups = image_groups(patches_per_image, VISION_CHUNK_PATCHES)
+    return max((sum(patches_per_image[a:b]) for a, b in groups), default=0)
+
+
+def infer_peak(arch: Architecture, *, batch: int, tokens: int, vision_patches: int, mode: str,
                max_new_tokens: int = 16, quant: str = "4bit", lora_r: int = 32,
                lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
                "down_proj") -> Estimate:
-    """One prediction batch: `tokens` = batch x padded prompt length; `mode` score or generate."""
+    """One prediction batch as vqa.model.prepare_for_inference sets it up: `tokens` = batch x
+    padded prompt length, `vision_patches` = the most patches the vision tower holds at once
+    (it runs in chunks of whole images of at most VISION_CHUNK_PATCHES: `vision_chunk`);
+    `mode` score (lm_head cut to the four letters) or generate (whole lm_head, KV cache)."""
+    from vqa.speed import MLP_CHUNK_TOKENS
+
+    input_embeddings = arch.vocab * arch.hidden
     static = {
         "base weights (4-bit NF4)" if quant == "4bit" else "base weights (bf16)":
             _weights(arch, quant),
-        "embeddings and lm_head (bf16)": arch.embedding_params * 2,
+        "input embeddings (bf16)": input_embeddings * 2,
+        # untied lm_head; one-pass scoring keeps only the letters' rows
+        "lm_head (bf16)": 0 if mode == "score" else (arch.embedding_params - input_embeddings) * 2,
         "LoRA weights (bf16)": arch.lora_params(lora_r, lora_targets) * 2,
-        "dequantized weight buffers": 2 * arch.hidden * arch.intermediate * 2,
+        # the fused MLP's dense gate, up and down, and one more while the next is made
+        "dense MLP weights": 4 * arch.hidden * arch.intermediate * 2,
     }
     head_dim = arch.hidden // arch.heads
     length = tokens / max(batch, 1) + (max_new_tokens if mode == "generate" else 0)
     transient = {
-        "decoder activations": tokens * INFER_TOKEN_SCALE * 2 * (4 * arch.hidden
-                                                                   + 3 * arch.intermediate),
-        "vision tower activations": patches * 2 * (4 * arch.vision_hidden
-                                                   + 2 * arch.vision_intermediate),
-        "last-position logits (fp32)": batch * arch.vocab * 4,
+        "decoder activations": tokens * INFER_TOKEN_SCALE * 2 * arch.hidden,
+        # SDPA's masked kernel under left padding: one layer's scores, batch x heads x L x L
+        "language model attention scores": batch * arch.heads * (tokens / max(batch, 1)) ** 2
+        * INFER_BYTES_PER_SCORE,
+        "MLP chunk": min(tokens, MLP_CHUNK_TOKENS) * 3 * arch.intermediate * 2,
+
+        "last-position logits (fp32)": batch * (4 if mode == "score" else arch.vocab) * 4,
     }
+    # The vision tower runs before the language model: its activations are gone by then, so
+    # only what they exceed the language model's by adds to the peak.
+    language = transient["decoder activations"] + transient["language model attention scores"]
+    vision = vision_patches * INFER_PATCH_SCALE * 2 * arch.vision_hidden
+    transient["vision tower activations, beyond the language model's"] = max(0.0, vision - language)
     if mode == "generate":
         transient["KV cache"] = batch * length * arch.layers * 2 * arch.kv_heads * head_dim * 2
     ratio = SCORE_RESERVED_RATIO if mode == "score" else GENERATE_RESERVED_RATIO
@@ -548,9 +585,10 @@ def train_estimate(config: Config, arch: Architecture, work: Workload, batch: in
 
 def infer_estimate(config: Config, arch: Architecture, work: Workload, batch: int) -> Estimate:
     """The prediction peak (INFER_MODE) at batch `batch` on the workload's longest rows."""
-    tokens, patches = Workload.worst_batch(work.test_lengths, work.test_visual, batch)
+    tokens, _ = Workload.worst_batch(work.test_lengths, work.test_visual, batch)
+    largest = [4 * v for v in sorted(work.test_visual, reverse=True)[:batch]]
     return infer_peak(arch, batch=min(batch, max(1, len(work.test_lengths))), tokens=tokens,
-                      patches=patches, mode=config.infer_mode,
+                      vision_patches=vision_chunk(largest), mode=config.infer_mode,
                       max_new_tokens=config.max_new_tokens, quant=config.quant,
                       lora_r=config.lora_r, lora_targets=config.lora_targets)
 
