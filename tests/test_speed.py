@@ -249,3 +249,16 @@ def test_bench_says_so_without_a_gpu(tmp_path):
                           text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
     assert done.returncode == 0
     assert done.stdout.strip() == "bench: no CUDA GPU here; this benchmark runs on a GPU machine only"
+
+
+def test_linear_patch_embedding_equals_the_conv(model_and_batch):
+    from vqa.pretrain import linear_patch_embedding
+
+    model, _ = model_and_batch
+    twin = copy.deepcopy(model)
+    pixels = torch.randn(64, 3 * 2 * 14 * 14)
+    expected = model.model.visual.patch_embed(pixels)
+    linear_patch_embedding(twin)
+    torch.testing.assert_close(twin.model.visual.patch_embed(pixels), expected)
+    assert twin.model.visual.patch_embed.proj.weight.shape == \
+        model.model.visual.patch_embed.proj.weight.shape  # saved as the stock Conv3d

@@ -84,6 +84,21 @@ def image_labels(questions) -> dict[int, tuple[int, int]]:
     return {i: (color[i], shape[i]) for i in sorted(set(color) & set(shape))}
 
 
+def linear_patch_embedding(model) -> None:
+    """The vision tower's patch embedding as the matrix product it is (kernel = stride = the
+    whole patch), for pretraining on CPU: PyTorch's CPU Conv3d and its backward took 28% of an
+    alignment step (0.157 s -> 0.113 s a step on 2 cores, same output). The weights keep their
+    Conv3d shape, so the saved model is unchanged."""
+    embed = model.model.visual.patch_embed
+    conv = embed.proj
+
+    def forward(pixels):
+        weight = conv.weight.reshape(conv.weight.shape[0], -1)
+        return F.linear(pixels.reshape(-1, weight.shape[1]).to(weight.dtype), weight, conv.bias)
+
+    embed.forward = forward
+
+
 def align_vision(model, processor, images: dict, labels: dict, steps: int, rng: random.Random):
     """Stage 1: pooled visual features pick the colour and shape words among the word embeddings.
 
@@ -189,6 +204,7 @@ def build_embedded_model(config: Config) -> Path:
     check = [r for members in by_family.values() for r in members[-CHECK_ROWS_PER_FAMILY:]]
     pools = {f: members[:-CHECK_ROWS_PER_FAMILY] for f, members in by_family.items()}
 
+    linear_patch_embedding(model)
     steps = config.base_pretrain_steps
     vision_steps = min(1000, max(10, steps // 2))
     vision = align_vision(model, processor, images, image_labels(questions), vision_steps, rng)
