@@ -199,10 +199,8 @@ def predict_phase(model_name, cases, datasets, setting, record, cuda, cap_bytes,
                   adapter) -> None:
     import torch
 
-    from vqa.data import letter_token_ids
-    from vqa.model import attach_lora, load_for_inference, load_model
+    from vqa.model import attach_lora, load_for_inference, load_model, prepare_for_inference
     from vqa.predict import predict_rows
-    from vqa.speed import letters_only_head
 
     if not (adapter / "adapter_config.json").is_file():  # an untrained one, as training leaves
         attach_lora(load_model(setting(None), for_training=True), setting(None)) \
@@ -214,9 +212,7 @@ def predict_phase(model_name, cases, datasets, setting, record, cuda, cap_bytes,
     model, _ = load_for_inference(setting(None), adapter, processor, mode="generate")
     for mode in ("generate", "score"):
         if mode == "score":
-            letters_only_head(model, letter_token_ids(processor.tokenizer))
-            if cuda:
-                torch.cuda.empty_cache()
+            prepare_for_inference(model, processor, mode)
         for name, config, processor, tokens, shapes, rows, plan in cases:
             batches = [(b, False) for b in BATCHES[mode]]
             if plan is not None and mode == "score":

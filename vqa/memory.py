@@ -429,7 +429,6 @@ def infer_peak(arch: Architecture, *, batch: int, tokens: int, vision_patches: i
         "language model attention scores": batch * arch.heads * (tokens / max(batch, 1)) ** 2
         * INFER_BYTES_PER_SCORE,
         "MLP chunk": min(tokens, MLP_CHUNK_TOKENS) * 3 * arch.intermediate * 2,
-
         "last-position logits (fp32)": batch * (4 if mode == "score" else arch.vocab) * 4,
     }
     # The vision tower runs before the language model: its activations are gone by then, so

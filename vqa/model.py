@@ -163,14 +163,14 @@ def prepare_for_inference(model, processor, mode: str) -> None:
     the vision tower in chunks of images, and for one-pass scoring an output layer of the four
     letters only."""
     from vqa.data import letter_token_ids
+    from vqa.oom import free_memory
 
     fuse_inference_mlps(model)
     fuse_inference_linears(model)  # the LoRA layers the MLPs above do not cover
     chunk_vision_tower(model)
     if mode == "score":
         letters_only_head(model, letter_token_ids(processor.tokenizer))
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the full lm_head's memory back to the card
+        free_memory()  # the full lm_head's memory back to the card
 
 
 def load_for_inference(config: Config, adapter_dir: Path | None, processor=None,

@@ -109,8 +109,7 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
     result = Predictions(text_only=collate.text_only)
     inner = inner_model(model)
     rope = RopeIndex(inner.config) if mode == "score" and ROPE_ON_CPU else None
-    job = _Prepare(collate, rope=rope,
-                   pixel_dtype=inner.model.visual.dtype)
+    job = _Prepare(collate, rope=rope, pixel_dtype=inner.model.visual.dtype)
     letter_ids = letter_token_ids(processor.tokenizer)
     order = length_order(rows, processor)
 

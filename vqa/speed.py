@@ -169,11 +169,26 @@ def effective_weight(linear, dtype: torch.dtype):
     return weight, None if base.bias is None else base.bias.to(dtype)
 
 
+def _inference_call(module, tokens: int) -> bool:
+    """Whether a call takes the fused path: no gradients, eval mode, enough tokens."""
+    return not (torch.is_grad_enabled() or module.training or tokens < FUSED_MIN_TOKENS)
+
+
+def _wrap_forward_once(module, make_forward) -> bool:
+    """Replaces `module.forward` by make_forward(module, original forward) unless done already;
+    True when it did."""
+    if getattr(module, "_vqa_fused", False):
+        return False
+    module.forward = make_forward(module, module.forward)
+    module._vqa_fused = True
+    return True
+
+
 def fused_mlp_forward(mlp, original):
     """`mlp.forward` (down(act(gate(x)) * up(x))) as described in lever 3 above."""
     def forward(x):
         tokens = x.shape[:-1].numel()
-        if torch.is_grad_enabled() or mlp.training or tokens < FUSED_MIN_TOKENS:
+        if not _inference_call(mlp, tokens):
             return original(x)
         weights = [effective_weight(p, x.dtype) for p in (mlp.gate_proj, mlp.up_proj,
                                                           mlp.down_proj)]
@@ -194,35 +209,15 @@ def fused_mlp_forward(mlp, original):
 def fuse_inference_mlps(model) -> int:
     """Every gate/up/down MLP of the model (language model and vision tower) takes the fused,
     chunked path in inference; training and small calls keep the stock one. Returns the count."""
-    count = 0
-    for module in model.modules():
-        if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-            if not getattr(module, "_vqa_fused", False):
-                module.forward = fused_mlp_forward(module, module.forward)
-                module._vqa_fused = True
-                count += 1
-    return count
-
-
-def image_groups(sizes: list[int], limit: int) -> list[tuple[int, int]]:
-    """Consecutive images (first, last + 1) of at most `limit` patches together; an image
-    larger than `limit` alone."""
-    groups, start, total = [], 0, 0
-    for i, size in enumerate(sizes):
-        if i > start and total + size > limit:
-            groups.append((start, i))
-            start, total = i, 0
-        total += size
-    if sizes:
-        groups.append((start, len(sizes)))
-    return groups
+    return sum(_wrap_forward_once(module, fused_mlp_forward) for module in model.modules()
+               if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj",
+                                                   "act_fn")))
 
 
 def fused_linear_forward(layer, original):
     """A LoRA layer's forward as one matmul with its effective weight (lever 3)."""
     def forward(x, *args, **kwargs):
-        if (args or kwargs or torch.is_grad_enabled() or layer.training
-                or x.shape[:-1].numel() < FUSED_MIN_TOKENS):
+        if args or kwargs or not _inference_call(layer, x.shape[:-1].numel()):
             return original(x, *args, **kwargs)
         weight = effective_weight(layer, x.dtype)
         return original(x) if weight is None else F.linear(x, *weight)
@@ -237,14 +232,22 @@ def fuse_inference_linears(model) -> int:
 
     in_mlps = {id(getattr(m, n)) for m in model.modules() if getattr(m, "_vqa_fused", False)
                for n in ("gate_proj", "up_proj", "down_proj") if hasattr(m, n)}
-    count = 0
-    for module in model.modules():
-        if (isinstance(module, LoraLayer) and id(module) not in in_mlps
-                and not getattr(module, "_vqa_fused", False)):
-            module.forward = fused_linear_forward(module, module.forward)
-            module._vqa_fused = True
-            count += 1
-    return count
+    return sum(_wrap_forward_once(module, fused_linear_forward) for module in model.modules()
+               if isinstance(module, LoraLayer) and id(module) not in in_mlps)
+
+
+def image_groups(sizes: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive images (first, last + 1) of at most `limit` patches together; an image
+    larger than `limit` alone."""
+    groups, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and total + size > limit:
+            groups.append((start, i))
+            start, total = i, 0
+        total += size
+    if sizes:
+        groups.append((start, len(sizes)))
+    return groups
 
 
 def chunk_vision_tower(model, max_patches: int | None = None) -> None:
