@@ -45,3 +45,21 @@ def test_prepared_batches_in_worker_processes_answer_like_the_main_process(
     assert forked.letter_probs == inline.letter_probs
     assert set(forked.text_only) == set(inline.text_only) == {"te2"}
     assert "t2.png" in forked.text_only["te2"]
+
+
+def test_scoring_keeps_no_kv_cache(tiny_model_dir, small_data):
+    """The model's config keeps use_cache on for generate; one scoring pass must not build a
+    cache (every layer's keys and values for the whole batch) it never reads."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from vqa.data import read_table
+    from vqa.predict import predict_rows
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    caches = []
+    model.register_forward_hook(lambda module, args, output: caches.append(
+        output.past_key_values))
+    rows = read_table(small_data / "test.csv", with_answer=False).to_dict("records")
+    result = predict_rows(model, processor, rows, small_data, batch_size=2, workers=0)
+    assert len(result.answers) == len(rows) and caches and all(c is None for c in caches)

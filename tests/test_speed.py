@@ -153,6 +153,10 @@ def test_fused_chunked_mlps_and_vision_chunks_give_peft_s_logits(adapted, monkey
     assert linears == 4 * layers  # q, k, v, o (the MLPs' projections are the MLPs')
     assert len(calls) == 3 * (layers + config.vision_config.depth * images) + 4 * layers
     torch.testing.assert_close(fast, stock, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():  # the pre-merge states are not kept
+        vision = model.get_base_model().model.get_image_features(inputs["pixel_values"],
+                                                                 inputs["image_grid_thw"])
+    assert vision.last_hidden_state is None and len(vision.pooler_output) == images
     with torch.no_grad():  # training-style calls keep peft's path
         calls.clear()
         model.train()

@@ -57,7 +57,11 @@ def _model_device(model):
 @torch.inference_mode()
 def score_batch(model, batch: dict, letter_ids: list[int]) -> torch.Tensor:
     """Probabilities over A-D for each row of a left-padded batch: shape (rows, 4)."""
-    logits = model(**_to_device(batch, _model_device(model)), logits_to_keep=1).logits[:, -1]
+    # No KV cache: one pass needs none, and the model's config (use_cache, kept on for
+    # generate) would otherwise hold every layer's keys and values for the whole batch (on the
+    # 7B, 56 KiB a token: more than its activations).
+    logits = model(**_to_device(batch, _model_device(model)), logits_to_keep=1,
+                   use_cache=False).logits[:, -1]
     columns = letter_columns(model, letter_ids)  # the whole vocabulary or a LetterHead's four
     return torch.softmax(logits[:, columns].float(), dim=-1).cpu()
 

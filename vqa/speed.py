@@ -134,7 +134,8 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None):
 #    dense weight, unchunked. The same function up to bf16 rounding.
 # 4. The vision tower over a bounded number of patches at a time (`chunk_vision_tower`): its
 #    attention and MLP activations grow with the batch's patches; images are independent in it,
-#    so chunks of whole images give the same merged tokens.
+#    so chunks of whole images give the same merged tokens. Only those are kept: the stock
+#    tower also returns its pre-merge states, which the language model never reads.
 # 5. The output layer cut to the four option letters (`letters_only_head`) for one-pass scoring:
 #    the 7B's lm_head is 152,064 x 3,584 bf16 = 1 GiB of a prediction's memory, for 4 rows used.
 # 6. Rope positions computed with the batch on the CPU (`RopeIndex`): Qwen2.5-VL's
@@ -252,28 +253,28 @@ def image_groups(sizes: list[int], limit: int) -> list[tuple[int, int]]:
 
 def chunk_vision_tower(model, max_patches: int | None = None) -> None:
     """The vision tower over whole images at most `max_patches` (VISION_CHUNK_PATCHES) at a time
-    in inference. Only the merged tokens (`pooler_output`, what the language model reads) are
-    kept in order; `last_hidden_state` is each chunk's, concatenated."""
+    in inference. It returns only the merged tokens (`pooler_output`, what the language model
+    reads), in order: the pre-merge states (`last_hidden_state`, a patch x 1,280 tensor) would
+    otherwise stay allocated through the language model's whole forward."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
     visual = inner_model(model).model.visual
     if getattr(visual, "_vqa_chunked", False):
         return
     original = visual.forward
 
     def forward(hidden_states, grid_thw, **kwargs):
-        limit = max_patches or VISION_CHUNK_PATCHES
-        if torch.is_grad_enabled() or visual.training or hidden_states.shape[0] <= limit:
+        if torch.is_grad_enabled() or visual.training:
             return original(hidden_states, grid_thw, **kwargs)
         sizes = grid_thw.prod(-1).tolist()
-        outputs, first_patch = [], 0
-        for a, b in image_groups(sizes, limit):
+        merged, first_patch = [], 0
+        for a, b in image_groups(sizes, max_patches or VISION_CHUNK_PATCHES):
             n = sum(sizes[a:b])
-            outputs.append(original(hidden_states[first_patch:first_patch + n], grid_thw[a:b],
-                                    **kwargs))
+            merged.append(original(hidden_states[first_patch:first_patch + n], grid_thw[a:b],
+                                   **kwargs).pooler_output)
             first_patch += n
-        out = outputs[0]
-        out.last_hidden_state = torch.cat([o.last_hidden_state for o in outputs])
-        out.pooler_output = torch.cat([o.pooler_output for o in outputs])
-        return out
+        return BaseModelOutputWithPooling(
+            pooler_output=merged[0] if len(merged) == 1 else torch.cat(merged))
 
     visual.forward = forward
     visual._vqa_chunked = True
