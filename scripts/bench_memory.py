@@ -10,7 +10,12 @@ each:
               collator's batches;
   - score / generate: vqa's predict_rows on one batch, with an untrained adapter attached.
 Each row prints predicted vs measured peak allocated and reserved (torch.cuda.max_memory_*), and
-the error of the reserved prediction; the target is within 10% on every row.
+the error of the reserved prediction; the target is within 10% on every row. Prediction rows also
+report the peak up to the end of the vision tower and the peak after it (the language model's),
+the two phases the memory model sizes separately.
+
+BENCH_MODELS=3B,7B, BENCH_IMAGES=448x448,..., BENCH_WORK=train,score,generate and
+BENCH_BATCHES="score=8,24 generate=2,6 train=2,4" pick part of the grid.
 
 The grid runs uncapped, so every row is measured. --cap 24GiB adds, per image size, the
 planner's own choices for a card of that size, each measured under that cap emulated with
@@ -47,9 +52,47 @@ def images() -> list:
     return [i for i in IMAGES if not wanted or i[0] in wanted.split(",")]
 
 
-def measure(fn, cuda: bool, cap_bytes: int | None = None) -> dict:
+def works() -> list[str]:
+    """BENCH_WORK=train,score,generate (the default: all three) picks the kinds of work."""
+    wanted = os.environ.get("BENCH_WORK", "train,score,generate").split(",")
+    return [w for w in ("train", "generate", "score") if w in wanted]
+
+
+def batches(work: str) -> tuple[int, ...]:
+    """The grid's batch sizes for `work`; BENCH_BATCHES="score=8,24,48 ..." overrides some."""
+    for item in os.environ.get("BENCH_BATCHES", "").split():
+        name, _, sizes = item.partition("=")
+        if name == work:
+            return tuple(int(b) for b in sizes.split(","))
+    return BATCHES[work]
+
+
+class PhasePeaks:
+    """Splits a prediction's peak at the end of the vision tower: a forward hook on it reads the
+    peak so far (the vision phase's) and resets the counters, so the peak read after the call
+    is the language model's."""
+
+    def __init__(self, model, cuda: bool):
+        from vqa.speed import inner_model
+
+        self.cuda, self.vision = cuda, None
+        if cuda:
+            inner_model(model).model.visual.register_forward_hook(self._after_vision)
+
+    def _after_vision(self, *_):
+        import torch
+
+        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        if self.vision is None or allocated > self.vision[0]:
+            self.vision = (allocated, reserved)
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measure(fn, cuda: bool, cap_bytes: int | None = None, phases: PhasePeaks | None = None
+            ) -> dict:
     """Runs fn and returns its peak allocated/reserved in GiB (None on CPU), or OOM; with
-    `cap_bytes`, under a card of that size (set_per_process_memory_fraction), else uncapped."""
+    `cap_bytes`, under a card of that size (set_per_process_memory_fraction), else uncapped.
+    With `phases`, also the vision tower's peak and the language model's."""
     import torch
 
     from vqa.memory import GIB
@@ -60,6 +103,8 @@ def measure(fn, cuda: bool, cap_bytes: int | None = None) -> dict:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    if phases is not None:
+        phases.vision = None
     started = time.perf_counter()
     try:
         fn()
@@ -70,8 +115,15 @@ def measure(fn, cuda: bool, cap_bytes: int | None = None) -> dict:
     out = {"oom": False, "seconds": round(time.perf_counter() - started, 2)}
     if cuda:
         torch.cuda.synchronize()
-        out["allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
-        out["reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
+        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        if phases is not None and phases.vision is not None:
+            out["vision_allocated_gib"] = round(phases.vision[0] / GIB, 2)
+            out["vision_reserved_gib"] = round(phases.vision[1] / GIB, 2)
+            out["language_allocated_gib"] = round(allocated / GIB, 2)
+            out["language_reserved_gib"] = round(reserved / GIB, 2)
+            allocated, reserved = max(allocated, phases.vision[0]), max(reserved, phases.vision[1])
+        out["allocated_gib"] = round(allocated / GIB, 2)
+        out["reserved_gib"] = round(reserved / GIB, 2)
     return out
 
 
@@ -115,7 +167,8 @@ def bench_model(model_dir: Path, scratch: Path, cap_bytes: int | None, cuda: boo
     from vqa.realsize import write_synthetic_data
 
     device = "cuda" if cuda else "cpu"
-    most = MAX_PRED_BATCH  # enough rows for the planner's largest prediction batch
+    # enough rows for the planner's largest prediction batch and the grid's
+    most = max(MAX_PRED_BATCH, *(max(batches(w)) for w in ("train", "score", "generate")))
     base = [f"MODEL_ID={model_dir}", "QUANT=4bit", f"ARTIFACTS_DIR={scratch / 'artifacts'}"]
     if cap_bytes:
         base.append(f"TARGET_GPU_MEMORY={cap_bytes / GIB:.2f}GiB")
@@ -182,10 +235,10 @@ def train_phase(model_name, cases, datasets, setting, record, device, cuda, cap_
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     for name, config, processor, tokens, shapes, rows, plan in cases:
         collate = VQACollator(processor, datasets[name], train=True)
-        batches = [(b, False) for b in BATCHES["train"]]
+        sizes = [(b, False) for b in batches("train")]
         if plan is not None:
-            batches.append((plan.per_device_batch, True))
-        for batch, planned in batches:
+            sizes.append((plan.per_device_batch, True))
+        for batch, planned in sizes:
             measured = measure(train_steps(model, optimizer, collate, rows[:batch], device), cuda,
                                cap_bytes if planned else None)
             record(model_name, name, "train", batch, config, tokens, shapes, measured, planned)
@@ -200,31 +253,39 @@ def predict_phase(model_name, cases, datasets, setting, record, cuda, cap_bytes,
     import torch
 
     from vqa.model import attach_lora, load_for_inference, load_model, prepare_for_inference
+    from vqa.oom import free_memory
     from vqa.predict import predict_rows
 
     if not (adapter / "adapter_config.json").is_file():  # an untrained one, as training leaves
         attach_lora(load_model(setting(None), for_training=True), setting(None)) \
             .save_pretrained(adapter)
-        if cuda:
-            torch.cuda.empty_cache()
+        free_memory()  # the peft model's reference cycles would otherwise keep it on the GPU
     processor = cases[0][2]
     # As make submit prepares it for generate (whole lm_head), then for scoring (letters only).
     model, _ = load_for_inference(setting(None), adapter, processor, mode="generate")
-    for mode in ("generate", "score"):
+    phases = PhasePeaks(model, cuda)
+    for mode in [w for w in works() if w != "train"]:
         if mode == "score":
             prepare_for_inference(model, processor, mode)
         for name, config, processor, tokens, shapes, rows, plan in cases:
-            batches = [(b, False) for b in BATCHES[mode]]
+            sizes = [(b, False) for b in batches(mode)]
             if plan is not None and mode == "score":
-                batches.append((plan.pred_batch_size, True))
-            for batch, planned in batches:
+                sizes.append((plan.pred_batch_size, True))
+            for batch, planned in sizes:
                 measured = measure(lambda: predict_rows(  # noqa: B023 - called at once
                     model, processor, rows[:batch], datasets[name], batch_size=batch, mode=mode,
-                    max_new_tokens=config.max_new_tokens), cuda, cap_bytes if planned else None)
+                    max_new_tokens=config.max_new_tokens), cuda, cap_bytes if planned else None,
+                    phases)
                 record(model_name, name, mode, batch, config, tokens, shapes, measured, planned)
     del model
     if cuda:
         torch.cuda.empty_cache()
+
+
+def wanted_phases() -> tuple[str, ...]:
+    """The processes BENCH_WORK needs: training, prediction (score, generate) or both."""
+    return tuple(p for p, work in (("train", {"train"}), ("predict", {"score", "generate"}))
+                 if work & set(works()))
 
 
 def phases_in_fresh_processes(args, model_dir: Path, work: Path) -> list[dict]:
@@ -234,7 +295,7 @@ def phases_in_fresh_processes(args, model_dir: Path, work: Path) -> list[dict]:
     import subprocess
 
     rows = []
-    for phase in ("train", "predict"):
+    for phase in wanted_phases():
         command = [sys.executable, __file__, "--phase", phase,
                    *(["--cap", args.cap] if args.cap else [])]
         env = {**os.environ, "BENCH_MODELS": model_dir.name.removeprefix("model-")}
@@ -288,7 +349,7 @@ def main() -> int:
         if cuda:
             results += phases_in_fresh_processes(args, model_dir, work)
         else:
-            results += bench_model(model_dir, work, cap_bytes, cuda)
+            results += bench_model(model_dir, work, cap_bytes, cuda, wanted_phases())
         (out / "bench_memory.json").write_text(json.dumps(results, indent=2))  # kept if cut short
     device = torch.cuda.get_device_name(0) if cuda else "CPU (dry run, nothing measured)"
     header = (f"# bench-memory: {device}, {time.strftime('%Y-%m-%d')}, cap "
