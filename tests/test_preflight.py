@@ -82,6 +82,11 @@ def test_a10g_plan_for_the_7b_from_the_package_table_when_the_hub_is_unreachable
     assert plan["per_device_batch"] * plan["gradient_accumulation"] == 16
     markdown = (tmp_path / "a" / "preflight.md").read_text()
     assert "**fits on TARGET_GPU=A10G" in markdown and "| train | 1 |" in markdown
+    # the prediction's terms are its larger phase's: the vision tower's or the language model's
+    where = next(line for line in markdown.splitlines()
+                 if line.startswith("Where the prediction peak goes: base weights (4-bit NF4)"))
+    assert ("decoder activations" in where) != (
+        "vision tower activations (one chunk)" in where)
     assert f"PER_DEVICE_BATCH={plan['per_device_batch']} PRED_BATCH_SIZE=" in markdown
 
 

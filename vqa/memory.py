@@ -241,8 +241,8 @@ def architecture_for(config: Config) -> tuple[Architecture, str]:
 # bitsandbytes NF4 with double quantization: 4 bits a weight, an 8-bit absmax per block of 64,
 # and an fp32 second-level absmax per 256 blocks.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
-# Fitted to MEASURED_PEAKS (vqa's own train step and prediction; least squares on relative
-# error, coefficients non-negative).
+# Fitted to MEASURED_PEAKS (vqa's own train step and prediction). Training: least squares on
+# relative error, coefficients non-negative.
 TRAIN_BYTES_PER_LOGIT = 6.8  # per vocabulary entry per token row: bf16 logits, fp32 loss, grads
 # The saved residual stream and one recomputed layer (see train_peak), as a share of their bf16/
 # fp32 sizes: a fit, since the recomputation frees as it goes.
@@ -254,11 +254,16 @@ TRAIN_BYTES_PER_PATCH_UNIT = 2.59
 # bytes per score, one layer at a time, batch x heads x length x length.
 TRAIN_BYTES_PER_SCORE = 0.72
 TRAIN_RESERVE_OF_ACTIVATIONS = 0.16  # the caching allocator's reserve over the activations
-INFER_TOKEN_SCALE = 17.5  # x the bf16 hidden state, per prompt token (residual, attention)
-INFER_BYTES_PER_SCORE = 0.023  # per batch x heads x length^2: grows faster than the tokens
-INFER_PATCH_SCALE = 13.6  # x the vision tower's bf16 hidden state, per patch of one chunk
-SCORE_RESERVED_RATIO = 1.08  # reserve over the transient (non-weight) part, one-pass scoring
-GENERATE_RESERVED_RATIO = 1.08  # the same for generate
+# Prediction: each phase's peak allocated fitted by least squares on relative error (the vision
+# tower's phase: the patch scale; the language model's: the token and score terms), then the
+# reserve ratios that keep the largest reserved error smallest (see MEASURED_PEAKS).
+INFER_TOKEN_SCALE = 6.1  # x the bf16 hidden state, per prompt token (residual, attention)
+INFER_BYTES_PER_SCORE = 0.21  # per batch x heads x length^2: the padding mask and scores
+INFER_PATCH_SCALE = 17.3  # x the vision tower's bf16 hidden state, per patch of one chunk
+VISION_RESERVED_RATIO = 1.14  # reserve over the transient (non-weight) part, vision phase
+SCORE_RESERVED_RATIO = 1.16  # the same, the language model's phase of one-pass scoring
+GENERATE_RESERVED_RATIO = 1.04  # the same for generate
+PIXEL_VALUES_PER_PATCH = 3 * 2 * 14 * 14  # channels x temporal patch x 14 x 14 pixels
 # The CUDA context and kernels outside PyTorch's allocator; subtracted from the card's memory.
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)
 PLAN_MARGIN = 0.10  # the plan keeps the predicted peak this far below the usable memory
@@ -269,12 +274,13 @@ PLAN_MARGIN = 0.10  # the plan keeps the predicted peak this far below the usabl
 # allocator segments (vqa/__init__.py): vqa's own train step (LoRA r32 on q,k,v,o,gate,up,down,
 # AdamW, bf16 autocast, non-reentrant checkpointing, no fp32 casts, the loss at the labelled
 # positions) and predict_rows as vqa.model.prepare_for_inference sets it up (LoRA merged on the
-# fly, MLPs in chunks, letters-only head for scoring). The training coefficients were fitted to
-# the 7B rows alone; the 3B's training rows, measured after the fit, were held out (within 4%).
-# The inference coefficients are fitted to both models. 448x448 = 256 visual tokens,
-# 1024x768 = 999, 1400x1400 = 2,500, capped (MAX_PIXELS=1003520) = 1,225. The 7B's planned
-# 1400x1400 scoring batch (62, before this fit) ran out of memory and the 3B's scoring rows at
-# 1400x1400 batch 24 and later were cut by the run's time limit: not in the table.
+# fly, MLPs in chunks, letters-only head and no KV cache for scoring, only the merged visual
+# tokens kept). The training coefficients were fitted to the 7B rows alone; the 3B's training
+# rows, measured after the fit, were held out (within 4%). The inference coefficients are
+# fitted to both models' rows, each prediction's peak split at the end of the vision tower
+# (the vision phase's peak fits INFER_PATCH_SCALE, the language model's the token and score
+# terms, the totals the reserve ratios). 448x448 = 256 visual tokens, 1024x768 = 999,
+# 1400x1400 = 2,500, capped (MAX_PIXELS=1003520) = 1,225.
 SEVEN, THREE = "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct"
 MEASURED_PEAKS = [
     # (model, work, batch, sequence length, visual tokens per image, allocated, reserved)
@@ -285,25 +291,34 @@ MEASURED_PEAKS = [
     (SEVEN, 'train', 4, 1116, 999, 10.42, 11.11),  # 1024x768
     (SEVEN, 'train', 8, 1116, 999, 14.21, 15.14),  # 1024x768 (planner's)
     (SEVEN, 'train', 2, 2617, 2500, 11.19, 11.95),  # 1400x1400
-    (SEVEN, 'train', 4, 2617, 2500, 15.75, 16.69),  # 1400x1400
+    (SEVEN, 'train', 4, 2617, 2500, 15.75, 16.69),  # 1400x1400 (also the planner's)
     (SEVEN, 'train', 2, 1342, 1225, 8.93, 9.54),  # 1400x1400 capped
     (SEVEN, 'train', 4, 1342, 1225, 11.22, 11.96),  # 1400x1400 capped
-    (SEVEN, 'generate', 2, 373, 256, 6.29, 6.34),  # 448x448
-    (SEVEN, 'generate', 6, 373, 256, 6.48, 6.59),  # 448x448
-    (SEVEN, 'generate', 2, 1116, 999, 6.52, 6.63),  # 1024x768
-    (SEVEN, 'generate', 6, 1116, 999, 7.24, 7.39),  # 1024x768
-    (SEVEN, 'generate', 2, 2617, 2500, 7.03, 7.21),  # 1400x1400
+    (SEVEN, 'train', 8, 1342, 1225, 15.81, 16.83),  # 1400x1400 capped (planner's)
+    (SEVEN, 'generate', 2, 373, 256, 6.28, 6.34),  # 448x448
+    (SEVEN, 'generate', 6, 373, 256, 6.47, 6.57),  # 448x448
+    (SEVEN, 'generate', 2, 1116, 999, 6.48, 6.59),  # 1024x768
+    (SEVEN, 'generate', 6, 1116, 999, 7.13, 7.29),  # 1024x768
+    (SEVEN, 'generate', 2, 2617, 2500, 6.94, 7.14),  # 1400x1400
     (SEVEN, 'generate', 6, 2617, 2500, 8.67, 9.11),  # 1400x1400
-    (SEVEN, 'generate', 2, 1342, 1225, 6.61, 6.69),  # 1400x1400 capped
-    (SEVEN, 'generate', 6, 1342, 1225, 7.51, 7.71),  # 1400x1400 capped
-    (SEVEN, 'score', 8, 373, 256, 5.6, 5.69),  # 448x448
-    (SEVEN, 'score', 24, 373, 256, 6.47, 6.69),  # 448x448
-    (SEVEN, 'score', 64, 373, 256, 8.09, 8.29),  # 448x448 (planner's)
-    (SEVEN, 'score', 8, 1116, 999, 6.53, 6.75),  # 1024x768
-    (SEVEN, 'score', 24, 1116, 999, 8.6, 8.78),  # 1024x768
-    (SEVEN, 'score', 64, 1116, 999, 13.89, 14.62),  # 1024x768 (planner's)
-    (SEVEN, 'score', 8, 2617, 2500, 7.96, 8.16),  # 1400x1400
-    (SEVEN, 'score', 24, 2617, 2500, 12.91, 13.55),  # 1400x1400
+    (SEVEN, 'generate', 2, 1342, 1225, 6.56, 6.65),  # 1400x1400 capped
+    (SEVEN, 'generate', 6, 1342, 1225, 7.37, 7.65),  # 1400x1400 capped
+    (SEVEN, 'score', 8, 373, 256, 5.42, 5.52),  # 448x448
+    (SEVEN, 'score', 24, 373, 256, 5.94, 6.32),  # 448x448
+    (SEVEN, 'score', 48, 373, 256, 6.94, 7.22),  # 448x448
+    (SEVEN, 'score', 64, 373, 256, 7.69, 8.1),  # 448x448 (planner's)
+    (SEVEN, 'score', 8, 1116, 999, 6.13, 6.34),  # 1024x768
+    (SEVEN, 'score', 24, 1116, 999, 7.71, 8.2),  # 1024x768
+    (SEVEN, 'score', 48, 1116, 999, 8.38, 9.31),  # 1024x768
+    (SEVEN, 'score', 64, 1116, 999, 9.61, 11.19),  # 1024x768 (planner's)
+    (SEVEN, 'score', 8, 2617, 2500, 7.47, 7.82),  # 1400x1400
+    (SEVEN, 'score', 24, 2617, 2500, 9.1, 9.52),  # 1400x1400
+    (SEVEN, 'score', 48, 2617, 2500, 13.51, 14.39),  # 1400x1400
+    (SEVEN, 'score', 64, 2617, 2500, 16.45, 19.76),  # 1400x1400 (planner's)
+    (SEVEN, 'score', 8, 1342, 1225, 6.46, 6.79),  # 1400x1400 capped
+    (SEVEN, 'score', 24, 1342, 1225, 7.78, 8.14),  # 1400x1400 capped
+    (SEVEN, 'score', 48, 1342, 1225, 9.15, 9.58),  # 1400x1400 capped
+    (SEVEN, 'score', 64, 1342, 1225, 10.64, 12.38),  # 1400x1400 capped (planner's)
     (THREE, 'train', 2, 373, 256, 3.71, 3.99),  # 448x448
     (THREE, 'train', 4, 373, 256, 4.04, 4.37),  # 448x448
     (THREE, 'train', 16, 373, 256, 6.61, 7.12),  # 448x448 (planner's)
@@ -316,21 +331,30 @@ MEASURED_PEAKS = [
     (THREE, 'train', 2, 1342, 1225, 4.96, 5.45),  # 1400x1400 capped
     (THREE, 'train', 4, 1342, 1225, 6.7, 7.21),  # 1400x1400 capped
     (THREE, 'train', 16, 1342, 1225, 17.39, 18.47),  # 1400x1400 capped (planner's)
-    (THREE, 'generate', 2, 373, 256, 2.63, 2.72),  # 448x448
-    (THREE, 'generate', 6, 373, 256, 2.8, 2.9),  # 448x448
-    (THREE, 'generate', 2, 1116, 999, 2.82, 2.94),  # 1024x768
+    (THREE, 'generate', 2, 373, 256, 2.62, 2.72),  # 448x448
+    (THREE, 'generate', 6, 373, 256, 2.77, 2.86),  # 448x448
+    (THREE, 'generate', 2, 1116, 999, 2.8, 2.94),  # 1024x768
     (THREE, 'generate', 6, 1116, 999, 3.58, 3.85),  # 1024x768
     (THREE, 'generate', 2, 2617, 2500, 3.38, 3.52),  # 1400x1400
     (THREE, 'generate', 6, 2617, 2500, 5.33, 5.83),  # 1400x1400
     (THREE, 'generate', 2, 1342, 1225, 2.89, 3.03),  # 1400x1400 capped
     (THREE, 'generate', 6, 1342, 1225, 3.84, 4.01),  # 1400x1400 capped
-    (THREE, 'score', 8, 373, 256, 2.87, 2.96),  # 448x448
+    (THREE, 'score', 8, 373, 256, 2.78, 2.88),  # 448x448
     (THREE, 'score', 24, 373, 256, 3.51, 3.64),  # 448x448
+    (THREE, 'score', 48, 373, 256, 4.61, 5.04),  # 448x448
     (THREE, 'score', 64, 373, 256, 5.34, 5.88),  # 448x448 (planner's)
     (THREE, 'score', 8, 1116, 999, 3.83, 4.12),  # 1024x768
     (THREE, 'score', 24, 1116, 999, 5.35, 5.89),  # 1024x768
-    (THREE, 'score', 64, 1116, 999, 8.46, 8.89),  # 1024x768 (planner's)
+    (THREE, 'score', 48, 1116, 999, 5.79, 6.24),  # 1024x768
+    (THREE, 'score', 64, 1116, 999, 6.06, 6.51),  # 1024x768 (planner's)
     (THREE, 'score', 8, 2617, 2500, 5.13, 5.63),  # 1400x1400
+    (THREE, 'score', 24, 2617, 2500, 5.82, 6.24),  # 1400x1400
+    (THREE, 'score', 48, 2617, 2500, 7.91, 8.88),  # 1400x1400
+    (THREE, 'score', 64, 2617, 2500, 9.75, 10.96),  # 1400x1400 (planner's)
+    (THREE, 'score', 8, 1342, 1225, 4.15, 4.5),  # 1400x1400 capped
+    (THREE, 'score', 24, 1342, 1225, 5.41, 5.95),  # 1400x1400 capped
+    (THREE, 'score', 48, 1342, 1225, 5.91, 6.36),  # 1400x1400 capped
+    (THREE, 'score', 64, 1342, 1225, 6.23, 6.84),  # 1400x1400 capped (planner's)
 ]
 
 
@@ -401,15 +425,33 @@ def vision_chunk(patches_per_image: list[int]) -> int:
 
 
 def infer_peak(arch: Architecture, *, batch: int, tokens: int, vision_patches: int, mode: str,
-               max_new_tokens: int = 16, quant: str = "4bit", lora_r: int = 32,
-               lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
-               "down_proj") -> Estimate:
+               batch_patches: int | None = None, max_new_tokens: int = 16, quant: str = "4bit",
+               lora_r: int = 32, lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,"
+               "up_proj,down_proj") -> Estimate:
+    """The peak of one prediction batch: the larger of its two phases (`infer_phases`)."""
+    phases = infer_phases(arch, batch=batch, tokens=tokens, vision_patches=vision_patches,
+                          mode=mode, batch_patches=batch_patches, max_new_tokens=max_new_tokens,
+                          quant=quant, lora_r=lora_r, lora_targets=lora_targets)
+    peak = max(phases.values(), key=lambda phase: phase.reserved)
+    return Estimate(max(phase.allocated for phase in phases.values()), peak.reserved, peak.terms)
+
+
+def infer_phases(arch: Architecture, *, batch: int, tokens: int, vision_patches: int, mode: str,
+                 batch_patches: int | None = None, max_new_tokens: int = 16,
+                 quant: str = "4bit", lora_r: int = 32, lora_targets: str = "q_proj,k_proj,"
+                 "v_proj,o_proj,gate_proj,up_proj,down_proj") -> dict[str, Estimate]:
     """One prediction batch as vqa.model.prepare_for_inference sets it up: `tokens` = batch x
-    padded prompt length, `vision_patches` = the most patches the vision tower holds at once
-    (it runs in chunks of whole images of at most VISION_CHUNK_PATCHES: `vision_chunk`);
-    `mode` score (lm_head cut to the four letters) or generate (whole lm_head, KV cache)."""
+    padded prompt length, `batch_patches` = the batch's vision patches (4 per visual token),
+    `vision_patches` = the most the vision tower holds at once (it runs over chunks of whole
+    images of at most VISION_CHUNK_PATCHES: `vision_chunk`); `mode` score (lm_head cut to the
+    four letters, no KV cache) or generate (whole lm_head, KV cache).
+
+    The forward has two phases that do not overlap: the vision tower (one chunk's activations,
+    beside the batch's input embeddings and the merged tokens made so far), then the language
+    model. Each phase's estimate; the batch's pixels are held through both."""
     from vqa.speed import MLP_CHUNK_TOKENS
 
+    batch_patches = vision_patches if batch_patches is None else batch_patches
     input_embeddings = arch.vocab * arch.hidden
     static = {
         "base weights (4-bit NF4)" if quant == "4bit" else "base weights (bf16)":
@@ -418,30 +460,39 @@ def infer_peak(arch: Architecture, *, batch: int, tokens: int, vision_patches: i
         # untied lm_head; one-pass scoring keeps only the letters' rows
         "lm_head (bf16)": 0 if mode == "score" else (arch.embedding_params - input_embeddings) * 2,
         "LoRA weights (bf16)": arch.lora_params(lora_r, lora_targets) * 2,
-        # the fused MLP's dense gate, up and down, and one more while the next is made
-        "dense MLP weights": 4 * arch.hidden * arch.intermediate * 2,
+        "pixel values (bf16)": batch_patches * PIXEL_VALUES_PER_PATCH * 2,
+    }
+    vision = {
+        "the batch's input embeddings": tokens * arch.hidden * 2,
+        "merged visual tokens": batch_patches / arch.merge ** 2 * arch.vision_out * 2,
+        "vision tower activations (one chunk)": vision_patches * INFER_PATCH_SCALE * 2
+        * arch.vision_hidden,
     }
     head_dim = arch.hidden // arch.heads
-    length = tokens / max(batch, 1) + (max_new_tokens if mode == "generate" else 0)
-    transient = {
+    length = tokens / max(batch, 1)
+    language = {
+        # the fused MLP's dense gate, up and down, and one more while the next is made
+        "dense MLP weights": 4 * arch.hidden * arch.intermediate * 2,
         "decoder activations": tokens * INFER_TOKEN_SCALE * 2 * arch.hidden,
         # SDPA's masked kernel under left padding: one layer's scores, batch x heads x L x L
-        "language model attention scores": batch * arch.heads * (tokens / max(batch, 1)) ** 2
+        "language model attention scores": batch * arch.heads * length ** 2
         * INFER_BYTES_PER_SCORE,
         "MLP chunk": min(tokens, MLP_CHUNK_TOKENS) * 3 * arch.intermediate * 2,
         "last-position logits (fp32)": batch * (4 if mode == "score" else arch.vocab) * 4,
     }
-    # The vision tower runs before the language model: its activations are gone by then, so
-    # only what they exceed the language model's by adds to the peak.
-    language = transient["decoder activations"] + transient["language model attention scores"]
-    vision = vision_patches * INFER_PATCH_SCALE * 2 * arch.vision_hidden
-    transient["vision tower activations, beyond the language model's"] = max(0.0, vision - language)
     if mode == "generate":
-        transient["KV cache"] = batch * length * arch.layers * 2 * arch.kv_heads * head_dim * 2
-    ratio = SCORE_RESERVED_RATIO if mode == "score" else GENERATE_RESERVED_RATIO
-    dynamic = sum(transient.values())
-    terms = {**static, **transient, "allocator reserve": dynamic * (ratio - 1)}
-    return Estimate(sum(static.values()) + dynamic, sum(static.values()) + dynamic * ratio, terms)
+        language["KV cache"] = (batch * (length + max_new_tokens) * arch.layers * 2
+                                * arch.kv_heads * head_dim * 2)
+    weights = sum(static.values()) - static["pixel values (bf16)"]
+    phases = {}
+    for name, terms, ratio in (
+            ("vision tower", vision, VISION_RESERVED_RATIO),
+            ("language model", language,
+             SCORE_RESERVED_RATIO if mode == "score" else GENERATE_RESERVED_RATIO)):
+        transient = static["pixel values (bf16)"] + sum(terms.values())
+        phases[name] = Estimate(weights + transient, weights + transient * ratio,
+                                {**static, **terms, "allocator reserve": transient * (ratio - 1)})
+    return phases
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,10 +635,11 @@ def train_estimate(config: Config, arch: Architecture, work: Workload, batch: in
 
 def infer_estimate(config: Config, arch: Architecture, work: Workload, batch: int) -> Estimate:
     """The prediction peak (INFER_MODE) at batch `batch` on the workload's longest rows."""
-    tokens, _ = Workload.worst_batch(work.test_lengths, work.test_visual, batch)
+    tokens, patches = Workload.worst_batch(work.test_lengths, work.test_visual, batch)
     largest = [4 * v for v in sorted(work.test_visual, reverse=True)[:batch]]
     return infer_peak(arch, batch=min(batch, max(1, len(work.test_lengths))), tokens=tokens,
-                      vision_patches=vision_chunk(largest), mode=config.infer_mode,
+                      vision_patches=vision_chunk(largest), batch_patches=patches,
+                      mode=config.infer_mode,
                       max_new_tokens=config.max_new_tokens, quant=config.quant,
                       lora_r=config.lora_r, lora_targets=config.lora_targets)
 

@@ -400,9 +400,10 @@ def render_markdown(report: dict) -> str:
             fits = "yes" if c["reserved_gib"] <= b["planned_gib"] else "no"
             lines.append(f"| {c['work']} | {c['batch']} | {c['allocated_gib']} | "
                          f"{c['reserved_gib']} | {fits} |")
-        if plan["train_peak"]:
-            lines += ["", "Where the training peak goes: " + ", ".join(
-                f"{k} {v:.2f}" for k, v in plan["train_peak"]["terms_gib"].items()) + " (GiB)."]
+        for work, peak in (("training", "train_peak"), ("prediction", "predict_peak")):
+            if plan[peak]:  # a prediction's terms are those of its larger phase
+                lines += ["", f"Where the {work} peak goes: " + ", ".join(
+                    f"{k} {v:.2f}" for k, v in plan[peak]["terms_gib"].items() if v) + " (GiB)."]
         lines.append("")
     lines += [f"- {r}" for r in plan["reasons"]]
     lines += ["", "Set these to change it:", "", "```", plan_settings(plan), "```", "",
