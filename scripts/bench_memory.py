@@ -306,15 +306,20 @@ def phases_in_fresh_processes(args, model_dir: Path, work: Path) -> list[dict]:
 
 def markdown(results: list[dict], header: str) -> str:
     lines = [header, "", "| model | images | work | batch | predicted alloc / reserved GiB | "
-             "measured alloc / reserved GiB | reserved error |", "|---|---|---|---|---|---|---|"]
+             "measured alloc / reserved GiB | vision / language phase alloc GiB | "
+             "reserved error | share of the cap |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         p, m = r["predicted"], r["measured"]
         got = ("OOM" if m["oom"] else
                f"{m.get('allocated_gib', '-')} / {m.get('reserved_gib', '-')}")
+        phases = (f"{m['vision_allocated_gib']} / {m['language_allocated_gib']}"
+                  if "vision_allocated_gib" in m else "-")
         error = f"{r['reserved_error']:+.1%}" if "reserved_error" in r else "-"
+        share = f"{r['share_of_cap']:.0%}" if "share_of_cap" in r else "-"
         work = r["work"] + (" (planner's)" if r["planned"] else "")
         lines.append(f"| {r['model'].split('/')[-1]} | {r['images']} | {work} | {r['batch']} | "
-                     f"{p['allocated_gib']} / {p['reserved_gib']} | {got} | {error} |")
+                     f"{p['allocated_gib']} / {p['reserved_gib']} | {got} | {phases} | {error} | "
+                     f"{share} |")
     return "\n".join(lines) + "\n"
 
 

@@ -259,3 +259,27 @@ def test_bench_memory_grid_runs_end_to_end_on_cpu(tiny_model_dir, tmp_path):
     assert all(r["predicted"]["reserved_gib"] >= r["predicted"]["allocated_gib"] > 0 for r in rows)
     assert all(r["measured"]["oom"] is False and "reserved_gib" not in r["measured"] for r in rows)
     assert "| tiny" not in done.stdout and "| base-model | 448x448 | train | 2 |" in done.stdout
+
+
+def test_bench_memory_picks_work_and_batches_from_the_environment(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.works() == ["train", "generate", "score"]
+    assert bench.wanted_phases() == ("train", "predict")
+    monkeypatch.setenv("BENCH_WORK", "score")
+    monkeypatch.setenv("BENCH_BATCHES", "score=8,24,48 generate=1")
+    assert bench.works() == ["score"] and bench.wanted_phases() == ("predict",)
+    assert bench.batches("score") == (8, 24, 48) and bench.batches("generate") == (1,)
+    assert bench.batches("train") == bench.BATCHES["train"]
+    row = {"model": "/m/model-7B", "images": "448x448", "work": "score", "batch": 64,
+           "planned": True, "predicted": {"allocated_gib": 7.8, "reserved_gib": 8.2},
+           "measured": {"oom": False, "allocated_gib": 7.69, "reserved_gib": 8.1,
+                        "vision_allocated_gib": 7.69, "language_allocated_gib": 6.67},
+           "reserved_error": 0.013, "share_of_cap": 0.337}
+    assert ("| model-7B | 448x448 | score (planner's) | 64 | 7.8 / 8.2 | 7.69 / 8.1 | "
+            "7.69 / 6.67 | +1.3% | 34% |") in bench.markdown([row], "# h")
