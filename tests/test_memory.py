@@ -216,6 +216,16 @@ def test_planner_batches_follow_the_card_and_the_images():
     big = {card: _plan([f"TARGET_GPU={card}"], _work(2500, 2614))[0] for card in ("T4", "A10G")}
     assert big["A10G"].per_device_batch < small["A10G"].per_device_batch
     assert big["T4"].pred_batch_size < small["T4"].pred_batch_size
+    # the plan says what stops each batch: memory (the next candidate's peak) or its own limit
+    why = lambda plan, knob: next(r for r in plan.reasons if r.startswith(knob + "="))  # noqa: E731
+    b = big["A10G"].per_device_batch
+    assert f"; the next divisor, {2 * b}, is predicted at" in why(big["A10G"], "PER_DEVICE_BATCH")
+    assert why(small["H100-80GB"], "PER_DEVICE_BATCH").endswith(
+        "it is the whole effective batch per GPU (16)")
+    assert why(small["A10G"], "PRED_BATCH_SIZE").endswith(
+        "64 is the ceiling (MAX_PRED_BATCH): score throughput does not grow beyond it")
+    p = big["T4"].pred_batch_size
+    assert f"; {p + 1} is predicted at" in why(big["T4"], "PRED_BATCH_SIZE")
 
 
 def test_an_override_that_will_not_fit_is_warned_with_its_predicted_peak():

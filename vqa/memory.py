@@ -652,24 +652,35 @@ def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget
              for b in range(1, per_rank + 1) if per_rank % b == 0} or {
         1: train_estimate(config, arch, work, 1)}
     infer = {b: infer_estimate(config, arch, work, b) for b in range(1, MAX_PRED_BATCH + 1)}
+    gib = lambda e: f"{e.reserved / GIB:.1f} GiB"  # noqa: E731
     fits_train = [b for b, e in train.items() if e.reserved <= limit]
     fits_pred = [b for b, e in infer.items() if e.reserved <= limit]
     plan.candidates = (
         [{"work": "train", "batch": b, **e.gib()} for b, e in train.items()]
         + [{"work": config.infer_mode, "batch": b, **infer[b].gib()}
            for b in (1, 2, 4, 8, 16, 24, 32, 48, 64)])
-    gib = lambda e: f"{e.reserved / GIB:.1f} GiB"  # noqa: E731
     where = (f"{budget.name}: {budget.usable_bytes / GIB:.1f} GiB usable after the CUDA "
              f"context, planned to {limit / GIB:.1f} GiB ({PLAN_MARGIN:.0%} margin)")
     reasons.append(where)
+    # What stops each batch from growing: memory (the next candidate's predicted peak), or a
+    # limit of its own (the effective batch, MAX_PRED_BATCH).
+    best_train, best_pred = max(fits_train or [1]), max(fits_pred or [1])
+    above = [b for b in train if b > best_train]
+    train_stop = (f"the next divisor, {min(above)}, is predicted at {gib(train[min(above)])}"
+                  if above else f"it is the whole effective batch per GPU ({per_rank})")
+    pred_stop = (f"{best_pred + 1} is predicted at {gib(infer[best_pred + 1])}"
+                 if best_pred < MAX_PRED_BATCH else
+                 f"{MAX_PRED_BATCH} is the ceiling (MAX_PRED_BATCH): {config.infer_mode} "
+                 f"throughput does not grow beyond it")
     per_device = _pick(
-        "PER_DEVICE_BATCH", config.per_device_batch, max(fits_train or [1]),
-        "the largest micro-batch dividing the effective batch whose predicted peak fits"
+        "PER_DEVICE_BATCH", config.per_device_batch, best_train,
+        f"the largest micro-batch dividing the effective batch whose predicted peak fits "
+        f"({gib(train[best_train])}); {train_stop}"
         if fits_train else "nothing fits; see the suggested MAX_PIXELS", reasons)
-    pred = _pick("PRED_BATCH_SIZE", config.pred_batch_size, max(fits_pred or [1]),
+    pred = _pick("PRED_BATCH_SIZE", config.pred_batch_size, best_pred,
                  f"the largest {config.infer_mode} batch (up to {MAX_PRED_BATCH}) whose predicted "
-                 f"peak on the longest test rows fits" if fits_pred else
-                 "nothing fits; see the suggested MAX_PIXELS", reasons)
+                 f"peak on the longest test rows fits ({gib(infer[best_pred])}); {pred_stop}"
+                 if fits_pred else "nothing fits; see the suggested MAX_PIXELS", reasons)
     # A user's batch may lie outside the candidates (not a divisor, or above MAX_PRED_BATCH).
     train_at = train.get(per_device) or train_estimate(config, arch, work, per_device)
     pred_at = infer.get(pred) or infer_estimate(config, arch, work, pred)
