@@ -16,6 +16,8 @@ the two phases the memory model sizes separately.
 
 BENCH_MODELS=3B,7B, BENCH_IMAGES=448x448,..., BENCH_WORK=train,score,generate and
 BENCH_BATCHES="score=8,24 generate=2,6 train=2,4" pick part of the grid.
+BENCH_UNCHECKPOINTED=0,7,14,28 also times the training step at the grid's largest training
+batch with the last k decoder layers not checkpointed (memory spent on less recomputation).
 
 The grid runs uncapped, so every row is measured. --cap 24GiB adds, per image size, the
 planner's own choices for a card of that size, each measured under that cap emulated with
@@ -242,10 +244,42 @@ def train_phase(model_name, cases, datasets, setting, record, device, cuda, cap_
             measured = measure(train_steps(model, optimizer, collate, rows[:batch], device), cuda,
                                cap_bytes if planned else None)
             record(model_name, name, "train", batch, config, tokens, shapes, measured, planned)
+        if os.environ.get("BENCH_UNCHECKPOINTED"):
+            checkpointing_trade(model, optimizer, collate, rows[:max(batches("train"))], device,
+                                cuda, name)
     model.save_pretrained(adapter)
     del model, optimizer
     if cuda:
         torch.cuda.empty_cache()
+
+
+def checkpointing_trade(model, optimizer, collate, rows, device: str, cuda: bool,
+                        images: str) -> None:
+    """BENCH_UNCHECKPOINTED=0,7,14,28: the training step with its last k decoder layers not
+    checkpointed, peak memory and seconds per step (after a warm-up): what spare memory would
+    buy if spent on less recomputation. Prints one JSON line per k."""
+    import torch
+
+    from vqa.speed import inner_model
+
+    layers = inner_model(model).model.language_model.layers
+    for k in [int(k) for k in os.environ["BENCH_UNCHECKPOINTED"].split(",")]:
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = i < len(layers) - k
+        steps = train_steps(model, optimizer, collate, rows, device)  # two steps a call
+        steps()
+
+        def timed():
+            steps()
+            if cuda:
+                torch.cuda.synchronize()
+
+        measured = measure(timed, cuda)
+        print(json.dumps({"uncheckpointed_layers": k, "images": images, "rows": len(rows),
+                          "seconds_per_step": round(measured.pop("seconds") / 2, 3),
+                          **measured}), flush=True)
+    for layer in layers:
+        layer.gradient_checkpointing = True
 
 
 def predict_phase(model_name, cases, datasets, setting, record, cuda, cap_bytes,
