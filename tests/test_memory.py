@@ -257,7 +257,8 @@ def test_bench_memory_grid_runs_end_to_end_on_cpu(tiny_model_dir, tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "ARTIFACTS_DIR": str(tmp_path / "out"),
-           "BENCH_SCRATCH": str(tmp_path / "scratch"), "BENCH_IMAGES": "448x448"}
+           "BENCH_SCRATCH": str(tmp_path / "scratch"), "BENCH_IMAGES": "448x448",
+           "BENCH_UNCHECKPOINTED": "0,1"}
     done = subprocess.run([sys.executable, "scripts/bench_memory.py", "--dry-run", "--model-dir",
                            str(tiny_model_dir), "--cap", "24GiB"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
@@ -269,6 +270,10 @@ def test_bench_memory_grid_runs_end_to_end_on_cpu(tiny_model_dir, tmp_path):
     assert all(r["predicted"]["reserved_gib"] >= r["predicted"]["allocated_gib"] > 0 for r in rows)
     assert all(r["measured"]["oom"] is False and "reserved_gib" not in r["measured"] for r in rows)
     assert "| tiny" not in done.stdout and "| base-model | 448x448 | train | 2 |" in done.stdout
+    trade = [json.loads(line) for line in done.stdout.splitlines()
+             if line.startswith('{"uncheckpointed_layers"')]
+    assert [(t["uncheckpointed_layers"], t["rows"]) for t in trade] == [(0, 4), (1, 4)]
+    assert all(t["seconds_per_step"] > 0 for t in trade)
 
 
 def test_bench_memory_picks_work_and_batches_from_the_environment(monkeypatch):
