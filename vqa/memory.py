@@ -460,8 +460,8 @@ def infer_phases(arch: Architecture, *, batch: int, tokens: int, vision_patches:
         # untied lm_head; one-pass scoring keeps only the letters' rows
         "lm_head (bf16)": 0 if mode == "score" else (arch.embedding_params - input_embeddings) * 2,
         "LoRA weights (bf16)": arch.lora_params(lora_r, lora_targets) * 2,
-        "pixel values (bf16)": batch_patches * PIXEL_VALUES_PER_PATCH * 2,
     }
+    pixels = batch_patches * PIXEL_VALUES_PER_PATCH * 2  # held through both phases
     vision = {
         "the batch's input embeddings": tokens * arch.hidden * 2,
         "merged visual tokens": batch_patches / arch.merge ** 2 * arch.vision_out * 2,
@@ -483,15 +483,16 @@ def infer_phases(arch: Architecture, *, batch: int, tokens: int, vision_patches:
     if mode == "generate":
         language["KV cache"] = (batch * (length + max_new_tokens) * arch.layers * 2
                                 * arch.kv_heads * head_dim * 2)
-    weights = sum(static.values()) - static["pixel values (bf16)"]
+    weights = sum(static.values())
     phases = {}
     for name, terms, ratio in (
             ("vision tower", vision, VISION_RESERVED_RATIO),
             ("language model", language,
              SCORE_RESERVED_RATIO if mode == "score" else GENERATE_RESERVED_RATIO)):
-        transient = static["pixel values (bf16)"] + sum(terms.values())
+        transient = pixels + sum(terms.values())
         phases[name] = Estimate(weights + transient, weights + transient * ratio,
-                                {**static, **terms, "allocator reserve": transient * (ratio - 1)})
+                                {**static, "pixel values (bf16)": pixels, **terms,
+                                 "allocator reserve": transient * (ratio - 1)})
     return phases
 
 
