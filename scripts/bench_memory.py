@@ -77,7 +77,7 @@ class PhasePeaks:
     def __init__(self, model, cuda: bool):
         from vqa.speed import inner_model
 
-        self.cuda, self.vision = cuda, None
+        self.vision = None
         if cuda:
             inner_model(model).model.visual.register_forward_hook(self._after_vision)
 
