@@ -33,6 +33,7 @@ help: ## list targets and settings
 	@echo "  DATA_DIR ARTIFACTS_DIR MODEL_ID PER_DEVICE_BATCH EFFECTIVE_BATCH_SIZE LORA_R LORA_ALPHA"
 	@echo "  LORA_DROPOUT LORA_TARGETS PRED_BATCH_SIZE MAX_NEW_TOKENS MAX_SEQUENCE_LENGTH EPOCHS LR"
 	@echo "  SEED MIN_PIXELS MAX_PIXELS QUANT(4bit|none) INFER_MODE(score|generate) VAL_SAMPLE"
+	@echo "  UNCHECKPOINTED_LAYERS TARGET_GPU TARGET_GPU_MEMORY"
 	@echo "  DATA_TRAIN_ROWS DATA_TEST_ROWS BASE_PRETRAIN_STEPS NUM_THREADS ... (README: Settings)"
 
 # --no-deps: exactly the lock, nothing resolved on the side; pip check proves it is complete.

@@ -298,6 +298,7 @@ def train_row(bench: Bench, case: Case, setup: str, micro: int, result: dict, **
 def bench_train(bench: Bench, cases: list[Case]) -> None:
     import torch
 
+    from vqa.model import keep_layer_activations
     from vqa.speed import answer_loss, use_grouped_vision_attention
 
     first = cases[0]
@@ -340,9 +341,11 @@ def bench_train(bench: Bench, cases: list[Case]) -> None:
     model = ours_model(first.config)
     for case in cases:
         micro = case.plan.per_device_batch
+        keep_layer_activations(model, case.plan.uncheckpointed_layers)  # as make train plans
         ours = train_row(bench, case, "vqa (make train)", micro, attempt(
             bench, lambda: train_curve(bench, model, answer_loss, case.train_collate, case.train,
                                        micro, effective)))
+        keep_layer_activations(model, 0)
         reference = references[case.name]
         if ours.get("samples_per_s") and reference.get("samples_per_s"):
             ours["speedup"] = round(ours["samples_per_s"] / reference["samples_per_s"], 2)

@@ -15,14 +15,18 @@ report the peak up to the end of the vision tower and the peak after it (the lan
 the two phases the memory model sizes separately.
 
 BENCH_MODELS=3B,7B, BENCH_IMAGES=448x448,..., BENCH_WORK=train,score,generate and
-BENCH_BATCHES="score=8,24 generate=2,6 train=2,4" pick part of the grid.
+BENCH_BATCHES="score=8,24 generate=2,6 train=2,4" pick part of the grid; BENCH_ROWS (2048) sets
+the rows per image size (the planner's prediction batch can hold them all).
 BENCH_UNCHECKPOINTED=0,7,14,28 also times the training step at the grid's largest training
 batch with the last k decoder layers not checkpointed (memory spent on less recomputation).
 
 The grid runs uncapped, so every row is measured. --cap 24GiB adds, per image size, the
 planner's own choices for a card of that size, each measured under that cap emulated with
 torch.cuda.set_per_process_memory_fraction: they must not run out of memory, and the report shows
-how much of the cap they use.
+how much of the cap they use and what the memory buys: the planned training step (with its
+UNCHECKPOINTED_LAYERS) is timed against the same micro-batch with every layer checkpointed. A
+scoring batch above MAX_PRED_BATCH (e.g. BENCH_BATCHES="score=1388") is also timed on the same
+rows in batches of MAX_PRED_BATCH, the ceiling the planner keeps because of it.
 
 --dry-run --model-dir DIR runs the same grid on CPU with a local model (the embedded tiny one):
 every code path but the CUDA measurement, for the test suite.
@@ -109,12 +113,15 @@ def measure(fn, cuda: bool, cap_bytes: int | None = None, phases: PhasePeaks | N
         phases.vision = None
     started = time.perf_counter()
     try:
-        fn()
+        result = fn()
     except torch.cuda.OutOfMemoryError:
         if cuda:
             torch.cuda.empty_cache()
         return {"oom": True, "seconds": round(time.perf_counter() - started, 2)}
     out = {"oom": False, "seconds": round(time.perf_counter() - started, 2)}
+    # predict_rows splits a batch that runs out of memory and goes on: that is an OOM too
+    if getattr(result, "oom_splits", None):
+        out.update(oom=True, oom_splits=result.oom_splits)
     if cuda:
         torch.cuda.synchronize()
         allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
@@ -130,22 +137,60 @@ def measure(fn, cuda: bool, cap_bytes: int | None = None, phases: PhasePeaks | N
 
 
 def train_steps(model, optimizer, collate, rows, device: str):
+    def run():
+        for _ in range(2):
+            train_step(model, optimizer, collated(collate, rows, device), device)
+    return run
+
+
+def collated(collate, rows, device: str) -> dict:
+    return {k: v.to(device) for k, v in collate(rows).items() if k in MODEL_INPUTS}
+
+
+def train_step(model, optimizer, batch: dict, device: str) -> None:
     import torch
 
     from vqa.speed import answer_loss
 
-    def run():
-        for _ in range(2):
-            batch = {k: v.to(device) for k, v in collate(rows).items() if k in MODEL_INPUTS}
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                loss = answer_loss(model, batch)  # make train's loss (vqa/speed.py)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    return run
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        loss = answer_loss(model, batch)  # make train's loss (vqa/speed.py)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
-def predicted(config, arch, tokens, shapes, work: str, batch: int) -> dict:
+def step_seconds(model, optimizer, collate, rows, device: str, cuda: bool, kept: int) -> dict:
+    """Seconds per training step on one collated batch with the last `kept` decoder layers not
+    checkpointed, against every layer checkpointed: a warm-up step each, then three rounds of
+    two steps each, alternating; the medians."""
+    import statistics
+
+    import torch
+
+    from vqa.model import keep_layer_activations
+
+    batch = collated(collate, rows, device)
+
+    def timed(k: int, steps: int) -> float:
+        keep_layer_activations(model, k)
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            train_step(model, optimizer, batch, device)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - started) / steps
+
+    timed(kept, 1), timed(0, 1)
+    rounds = [(timed(0, 2), timed(kept, 2)) for _ in range(3)]
+    keep_layer_activations(model, 0)
+    return {"seconds_per_step": round(statistics.median(r[1] for r in rounds), 3),
+            "seconds_per_step_baseline": round(statistics.median(r[0] for r in rounds), 3),
+            "baseline": "every decoder layer checkpointed"}
+
+
+def predicted(config, arch, tokens, shapes, work: str, batch: int, kept: int = 0) -> dict:
     """The planner's own estimate for these rows, as preflight computes it."""
     import dataclasses
 
@@ -154,7 +199,7 @@ def predicted(config, arch, tokens, shapes, work: str, batch: int) -> dict:
     lengths = [tokens.length(s) for s in shapes[:batch]]
     visual = [tokens.visual(s) for s in shapes[:batch]]
     rows = Workload(lengths, visual, lengths, visual)
-    estimate = (train_estimate(config, arch, rows, batch) if work == "train" else
+    estimate = (train_estimate(config, arch, rows, batch, kept) if work == "train" else
                 infer_estimate(dataclasses.replace(config, infer_mode=work), arch, rows, batch))
     return {"length": max(lengths), "visual_tokens": max(visual), **estimate.gib()}
 
@@ -163,14 +208,15 @@ def bench_model(model_dir: Path, scratch: Path, cap_bytes: int | None, cuda: boo
                 phases: tuple[str, ...] = ("train", "predict")) -> list[dict]:
     from vqa.config import load_config
     from vqa.data import read_table
-    from vqa.memory import GIB, MAX_PRED_BATCH, architecture_for, plan_batch_sizes
+    from vqa.memory import GIB, architecture_for, plan_batch_sizes
     from vqa.model import load_processor
     from vqa.preflight import scan_rows, tokens_from_processor, workload
     from vqa.realsize import write_synthetic_data
 
     device = "cuda" if cuda else "cpu"
-    # enough rows for the planner's largest prediction batch and the grid's
-    most = max(MAX_PRED_BATCH, *(max(batches(w)) for w in ("train", "score", "generate")))
+    # enough rows for the planner's largest prediction batch (all of them) and the grid's
+    most = max(int(os.environ.get("BENCH_ROWS", "2048")),
+               *(max(batches(w)) for w in ("train", "score", "generate")))
     base = [f"MODEL_ID={model_dir}", "QUANT=4bit", f"ARTIFACTS_DIR={scratch / 'artifacts'}"]
     if cap_bytes:
         base.append(f"TARGET_GPU_MEMORY={cap_bytes / GIB:.2f}GiB")
@@ -178,7 +224,7 @@ def bench_model(model_dir: Path, scratch: Path, cap_bytes: int | None, cuda: boo
     datasets = {name: scratch / name.replace(" ", "-") for name, _, _ in images()}
     for name, size, _ in images():
         if not (datasets[name] / "train.csv").is_file():
-            write_synthetic_data(datasets[name], most, 0, size)
+            write_synthetic_data(datasets[name], most, 0, size, images=64)
 
     def setting(cap, data_dir=None):
         return load_config(base + ([f"MAX_PIXELS={cap}"] if cap else [])
@@ -201,11 +247,12 @@ def bench_model(model_dir: Path, scratch: Path, cap_bytes: int | None, cuda: boo
 
     results = []
 
-    def record(model_name, name, work, batch, config, tokens, shapes, measured, planned=False):
+    def record(model_name, name, work, batch, config, tokens, shapes, measured, planned=False,
+               kept=0, speed=None):
         row = {"model": model_name, "images": name, "work": work, "batch": batch,
-               "planned": planned,
-               "predicted": predicted(config, arch, tokens, shapes, work, batch),
-               "measured": measured}
+               "planned": planned, "uncheckpointed_layers": kept,
+               "predicted": predicted(config, arch, tokens, shapes, work, batch, kept),
+               "measured": measured, **({"speed": speed} if speed else {})}
         if measured.get("reserved_gib"):
             row["reserved_error"] = round(
                 row["predicted"]["reserved_gib"] / measured["reserved_gib"] - 1, 3)
@@ -229,7 +276,7 @@ def train_phase(model_name, cases, datasets, setting, record, device, cuda, cap_
     import torch
 
     from vqa.data import VQACollator
-    from vqa.model import attach_lora, load_model
+    from vqa.model import attach_lora, keep_layer_activations, load_model
 
     # The product's 4-bit model with the reference LoRA, one optimizer for all cases.
     model = attach_lora(load_model(setting(None), for_training=True), setting(None))
@@ -241,9 +288,15 @@ def train_phase(model_name, cases, datasets, setting, record, device, cuda, cap_
         if plan is not None:
             sizes.append((plan.per_device_batch, True))
         for batch, planned in sizes:
+            kept = plan.uncheckpointed_layers if planned else 0
+            keep_layer_activations(model, kept)
             measured = measure(train_steps(model, optimizer, collate, rows[:batch], device), cuda,
                                cap_bytes if planned else None)
-            record(model_name, name, "train", batch, config, tokens, shapes, measured, planned)
+            keep_layer_activations(model, 0)
+            speed = (step_seconds(model, optimizer, collate, rows[:batch], device, cuda, kept)
+                     if kept and not measured["oom"] else None)
+            record(model_name, name, "train", batch, config, tokens, shapes, measured, planned,
+                   kept, speed)
         if os.environ.get("BENCH_UNCHECKPOINTED"):
             checkpointing_trade(model, optimizer, collate, rows[:max(batches("train"))], device,
                                 cuda, name)
@@ -260,12 +313,10 @@ def checkpointing_trade(model, optimizer, collate, rows, device: str, cuda: bool
     buy if spent on less recomputation. Prints one JSON line per k."""
     import torch
 
-    from vqa.speed import inner_model
+    from vqa.model import keep_layer_activations
 
-    layers = inner_model(model).model.language_model.layers
     for k in [int(k) for k in os.environ["BENCH_UNCHECKPOINTED"].split(",")]:
-        for i, layer in enumerate(layers):
-            layer.gradient_checkpointing = i < len(layers) - k
+        keep_layer_activations(model, k)
         steps = train_steps(model, optimizer, collate, rows, device)  # two steps a call
         steps()
 
@@ -278,14 +329,14 @@ def checkpointing_trade(model, optimizer, collate, rows, device: str, cuda: bool
         print(json.dumps({"uncheckpointed_layers": k, "images": images, "rows": len(rows),
                           "seconds_per_step": round(measured.pop("seconds") / 2, 3),
                           **measured}), flush=True)
-    for layer in layers:
-        layer.gradient_checkpointing = True
+    keep_layer_activations(model, 0)
 
 
 def predict_phase(model_name, cases, datasets, setting, record, cuda, cap_bytes,
                   adapter) -> None:
     import torch
 
+    from vqa.memory import MAX_PRED_BATCH
     from vqa.model import attach_lora, load_for_inference, load_model, prepare_for_inference
     from vqa.oom import free_memory
     from vqa.predict import predict_rows
@@ -306,11 +357,21 @@ def predict_phase(model_name, cases, datasets, setting, record, cuda, cap_bytes,
             if plan is not None and mode == "score":
                 sizes.append((plan.pred_batch_size, True))
             for batch, planned in sizes:
-                measured = measure(lambda: predict_rows(  # noqa: B023 - called at once
-                    model, processor, rows[:batch], datasets[name], batch_size=batch, mode=mode,
-                    max_new_tokens=config.max_new_tokens), cuda, cap_bytes if planned else None,
-                    phases)
-                record(model_name, name, mode, batch, config, tokens, shapes, measured, planned)
+                def run(size, rows=rows[:batch]):  # noqa: B023 - called at once
+                    return lambda: predict_rows(
+                        model, processor, rows, datasets[name], batch_size=size, mode=mode,
+                        max_new_tokens=config.max_new_tokens)
+
+                measured = measure(run(batch), cuda, cap_bytes if planned else None, phases)
+                speed = None
+                if mode == "score" and batch > MAX_PRED_BATCH and not measured["oom"]:
+                    # the same rows in batches of the planner's ceiling, for the time
+                    ceiling = measure(run(MAX_PRED_BATCH), cuda)
+                    speed = {"seconds_per_row": round(measured["seconds"] / batch, 4),
+                             "seconds_per_row_baseline": round(ceiling["seconds"] / batch, 4),
+                             "baseline": f"batches of {MAX_PRED_BATCH}"}
+                record(model_name, name, mode, batch, config, tokens, shapes, measured, planned,
+                       speed=speed)
     del model
     if cuda:
         torch.cuda.empty_cache()
@@ -341,7 +402,8 @@ def phases_in_fresh_processes(args, model_dir: Path, work: Path) -> list[dict]:
 def markdown(results: list[dict], header: str) -> str:
     lines = [header, "", "| model | images | work | batch | predicted alloc / reserved GiB | "
              "measured alloc / reserved GiB | vision / language phase alloc GiB | "
-             "reserved error | share of the cap |", "|---|---|---|---|---|---|---|---|---|"]
+             "reserved error | share of the cap | time: this / baseline |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         p, m = r["predicted"], r["measured"]
         got = ("OOM" if m["oom"] else
@@ -351,9 +413,17 @@ def markdown(results: list[dict], header: str) -> str:
         error = f"{r['reserved_error']:+.1%}" if "reserved_error" in r else "-"
         share = f"{r['share_of_cap']:.0%}" if "share_of_cap" in r else "-"
         work = r["work"] + (" (planner's)" if r["planned"] else "")
-        lines.append(f"| {r['model'].split('/')[-1]} | {r['images']} | {work} | {r['batch']} | "
+        batch = str(r["batch"]) + (f", last {r['uncheckpointed_layers']} layers kept"
+                                   if r.get("uncheckpointed_layers") else "")
+        speed = "-"
+        if r.get("speed"):
+            unit = "step" if "seconds_per_step" in r["speed"] else "row"
+            speed = (f"{r['speed'][f'seconds_per_{unit}']} / "
+                     f"{r['speed'][f'seconds_per_{unit}_baseline']} s per {unit} "
+                     f"({r['speed']['baseline']})")
+        lines.append(f"| {r['model'].split('/')[-1]} | {r['images']} | {work} | {batch} | "
                      f"{p['allocated_gib']} / {p['reserved_gib']} | {got} | {phases} | {error} | "
-                     f"{share} |")
+                     f"{share} | {speed} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,8 @@ def stage(config: Config) -> None:
     from vqa.preflight import plan_run
     from vqa.train import train
 
-    train(config, plan_run(config, train_csv=True).per_device_batch)
+    plan = plan_run(config, train_csv=True)
+    train(config, plan.per_device_batch, plan.uncheckpointed_layers)
 
 
 if __name__ == "__main__":

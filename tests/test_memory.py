@@ -5,6 +5,7 @@ from vqa.config import load_config
 from vqa.memory import (
     GIB,
     PLAN_MARGIN,
+    MEASURED_KEPT_PEAKS,
     MEASURED_PEAKS,
     Architecture,
     Workload,
@@ -16,6 +17,7 @@ from vqa.memory import (
     parse_memory,
     plan_batch_sizes,
     probe_machine,
+    train_estimate,
     train_peak,
     vision_chunk,
     visual_tokens_for,
@@ -129,6 +131,22 @@ def test_every_measured_peak_is_predicted_closely(model_id, work, batch, length,
     assert abs(sum(estimate.terms.values()) - estimate.reserved) < 1  # the terms add up
 
 
+@pytest.mark.parametrize("model_id, batch, length, visual, kept, allocated, reserved",
+                         MEASURED_KEPT_PEAKS)
+def test_training_with_layers_kept_is_predicted_closely(model_id, batch, length, visual, kept,
+                                                        allocated, reserved):
+    from vqa.speed import LABEL_WINDOW
+
+    def estimate(layers):
+        return train_peak(_arch(model_id), tokens=batch * length, patches=batch * 4 * visual,
+                          logit_rows=batch * LABEL_WINDOW, length=length, fp32_casts=False,
+                          uncheckpointed=layers)
+
+    assert abs(estimate(kept).reserved / GIB / reserved - 1) <= 0.10
+    assert abs(estimate(kept).allocated / GIB / allocated - 1) <= 0.10
+    assert estimate(kept).reserved > estimate(kept - 1).reserved  # each layer kept costs
+
+
 @pytest.mark.parametrize("model_id, batch, length, visual, larger", [
     # measured (bench-memory, H200): the vision tower's phase 5.13 GiB, the language model's 3.52
     (THREE_B, 8, 2617, 2500, "vision tower"),
@@ -182,7 +200,7 @@ def test_unknown_target_card_or_memory_is_one_line():
     assert a10g.name.startswith("TARGET_GPU=A10G") and a10g.usable_bytes < 23028 * 2**20
 
 
-def _work(visual: int, length: int, rows: int = 64) -> Workload:
+def _work(visual: int, length: int, rows: int = 4096) -> Workload:
     return Workload([length] * rows, [visual] * rows, [length] * rows, [visual] * rows)
 
 
@@ -202,7 +220,16 @@ def test_planner_picks_the_largest_batches_that_fit_each_card(card):
     assert all(train[b] > limit for b in larger)  # the next divisor would not fit
     assert plan.per_device_batch * plan.gradient_accumulation == 16
     assert plan.predict_peak["reserved_gib"] <= limit
-    assert plan.train_peak["reserved_gib"] == train[plan.per_device_batch]
+    # what the micro-batch leaves goes to un-checkpointed layers, one more would not fit
+    kept, arch, work = plan.uncheckpointed_layers, _arch(SEVEN_B), _work(256, 370)
+    assert train[plan.per_device_batch] <= plan.train_peak["reserved_gib"] <= limit
+    assert plan.train_peak["reserved_gib"] * GIB == pytest.approx(
+        train_estimate(config, arch, work, plan.per_device_batch, kept).reserved, rel=1e-3)
+    assert kept == arch.layers or train_estimate(
+        config, arch, work, plan.per_device_batch, kept + 1).reserved > limit * GIB
+    predict = {c["batch"]: c["reserved_gib"] for c in plan.candidates if c["work"] == "score"}
+    assert predict[plan.pred_batch_size] <= limit
+    assert predict.get(plan.pred_batch_size + 1, limit + 1) > limit  # shown when memory stops it
 
 
 def test_planner_batches_follow_the_card_and_the_images():
@@ -223,9 +250,12 @@ def test_planner_batches_follow_the_card_and_the_images():
     assert why(small["H100-80GB"], "PER_DEVICE_BATCH").endswith(
         "it is the whole effective batch per GPU (16)")
     assert why(small["A10G"], "PRED_BATCH_SIZE").endswith(
-        "64 is the ceiling (MAX_PRED_BATCH): score throughput does not grow beyond it")
+        "64 is the ceiling: score throughput does not grow beyond it (MAX_PRED_BATCH)")
     p = big["T4"].pred_batch_size
     assert f"; {p + 1} is predicted at" in why(big["T4"], "PRED_BATCH_SIZE")
+    few = _plan(["TARGET_GPU=A10G"], _work(256, 370, rows=10))[0]
+    assert few.pred_batch_size == 10 and why(few, "PRED_BATCH_SIZE").endswith(
+        "10 is the ceiling: it holds every row to predict (10)")
 
 
 def test_an_override_that_will_not_fit_is_warned_with_its_predicted_peak():
@@ -258,15 +288,29 @@ def test_bench_memory_grid_runs_end_to_end_on_cpu(tiny_model_dir, tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "ARTIFACTS_DIR": str(tmp_path / "out"),
            "BENCH_SCRATCH": str(tmp_path / "scratch"), "BENCH_IMAGES": "448x448",
-           "BENCH_UNCHECKPOINTED": "0,1"}
+           "BENCH_UNCHECKPOINTED": "0,1", "BENCH_ROWS": "70",
+           "BENCH_BATCHES": "train=2,4 score=8,70 generate=2,6"}
     done = subprocess.run([sys.executable, "scripts/bench_memory.py", "--dry-run", "--model-dir",
                            str(tiny_model_dir), "--cap", "24GiB"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "out" / "bench-memory" / "bench_memory.json").read_text())
-    assert {(r["work"], r["batch"]) for r in rows if not r["planned"]} == {
-        ("train", 2), ("train", 4), ("score", 8), ("score", 24), ("generate", 2), ("generate", 6)}
-    assert {r["work"] for r in rows if r["planned"]} == {"train", "score"}
+    grid = {(r["work"], r["batch"]): r for r in rows if not r["planned"]}
+    assert set(grid) == {("train", 2), ("train", 4), ("score", 8), ("score", 70),
+                         ("generate", 2), ("generate", 6)}
+    planned = {r["work"]: r for r in rows if r["planned"]}
+    assert set(planned) == {"train", "score"} and planned["score"]["batch"] == 64
+    # 24 GiB holds the tiny model's every layer un-checkpointed: the planned step is timed
+    # against every layer checkpointed; a scoring batch above 64 against batches of 64
+    layers = json.loads((tiny_model_dir / "config.json").read_text())["text_config"][
+        "num_hidden_layers"]
+    assert planned["train"]["uncheckpointed_layers"] == layers
+    assert planned["train"]["predicted"]["reserved_gib"] > grid[("train", 4)]["predicted"][
+        "reserved_gib"]
+    assert planned["train"]["speed"]["seconds_per_step"] > 0
+    assert planned["train"]["speed"]["seconds_per_step_baseline"] > 0
+    assert grid[("score", 70)]["speed"]["seconds_per_row_baseline"] > 0
+    assert f"last {layers} layers kept" in done.stdout and "(batches of 64) |" in done.stdout
     assert all(r["predicted"]["reserved_gib"] >= r["predicted"]["allocated_gib"] > 0 for r in rows)
     assert all(r["measured"]["oom"] is False and "reserved_gib" not in r["measured"] for r in rows)
     assert "| tiny" not in done.stdout and "| base-model | 448x448 | train | 2 |" in done.stdout

@@ -266,3 +266,31 @@ def test_linear_patch_embedding_equals_the_conv(model_and_batch):
     torch.testing.assert_close(twin.model.visual.patch_embed(pixels), expected)
     assert twin.model.visual.patch_embed.proj.weight.shape == \
         model.model.visual.patch_embed.proj.weight.shape  # saved as the stock Conv3d
+
+
+def test_layers_kept_out_of_checkpointing_give_the_same_gradients(model_and_batch):
+    """UNCHECKPOINTED_LAYERS spends memory on recomputing less, never on other gradients:
+    checkpointing replays the LoRA dropout's masks, so keeping every layer's activations gives
+    the gradients of recomputing every layer."""
+    from vqa.config import load_config
+    from vqa.model import attach_lora, keep_layer_activations
+    from vqa.speed import inner_model
+
+    model, batch = model_and_batch
+    adapted = attach_lora(copy.deepcopy(model), load_config(["QUANT=none"], environ={}),
+                          uncheckpointed_layers=1)
+    layers = inner_model(adapted).model.language_model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [True] * (len(layers) - 1) + [
+        False]  # the last layer keeps its activations
+    adapted.train()
+    gradients = {}
+    for kept in (0, len(layers)):
+        assert keep_layer_activations(adapted, kept and kept + 5) == kept  # at most every layer
+        torch.manual_seed(3)  # the same dropout masks
+        answer_loss(adapted, batch).backward()
+        gradients[kept] = {name: p.grad.clone() for name, p in adapted.named_parameters()
+                           if p.grad is not None}
+        adapted.zero_grad(set_to_none=True)
+    assert len(gradients[0]) > 10 and gradients[0].keys() == gradients[len(layers)].keys()
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[len(layers)][name], gradient)

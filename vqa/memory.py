@@ -7,9 +7,10 @@ does not fix (bytes per logit and per vision patch, the allocator's slack) were 
 measured with random-init real-size Qwen2.5-VL-3B/7B on vqa's own train step and prediction
 (the `MEASURED_PEAKS` below; docs/BENCHMARKS.md has the table and the errors).
 
-The planner picks the largest batches whose predicted peak reserved fits the card with a margin.
-On a CPU run memory is no constraint for the embedded model: it keeps the CPU batches. Every
-choice carries the reason that the preflight report prints.
+The planner picks the largest batches whose predicted peak reserved fits the card with a margin,
+then spends what the training micro-batch leaves on keeping the last decoder layers' activations
+instead of recomputing them. On a CPU run memory is no constraint for the embedded model: it
+keeps the CPU batches. Every choice carries the reason that the preflight report prints.
 """
 
 from __future__ import annotations
@@ -254,6 +255,11 @@ TRAIN_BYTES_PER_PATCH_UNIT = 2.59
 # bytes per score, one layer at a time, batch x heads x length x length.
 TRAIN_BYTES_PER_SCORE = 0.72
 TRAIN_RESERVE_OF_ACTIVATIONS = 0.16  # the caching allocator's reserve over the activations
+# What one decoder layer left un-checkpointed keeps for its backward pass, per token, as a share
+# of ten hidden-wide and five intermediate-wide bf16 tensors (the norms', LoRA dropouts' and
+# projections' inputs; gate, up, their product and the activation). Fitted to the 7B at 448x448,
+# micro-batch 16, with 7, 14 and 28 layers un-checkpointed (274 KB a token; within 1.1%).
+TRAIN_KEPT_LAYER_SCALE = 1.05
 # Prediction: each phase's peak allocated fitted by least squares on relative error (the vision
 # tower's phase: the patch scale; the language model's: the token and score terms), then the
 # reserve ratios that keep the largest reserved error smallest (see MEASURED_PEAKS).
@@ -286,15 +292,15 @@ MEASURED_PEAKS = [
     # (model, work, batch, sequence length, visual tokens per image, allocated, reserved)
     (SEVEN, 'train', 2, 373, 256, 7.46, 7.84),  # 448x448
     (SEVEN, 'train', 4, 373, 256, 7.86, 8.41),  # 448x448
-    (SEVEN, 'train', 16, 373, 256, 11.24, 12.04),  # 448x448 (planner's)
+    (SEVEN, 'train', 16, 373, 256, 11.24, 12.04),  # 448x448 (planner's micro-batch)
     (SEVEN, 'train', 2, 1116, 999, 8.55, 9.15),  # 1024x768
     (SEVEN, 'train', 4, 1116, 999, 10.42, 11.11),  # 1024x768
-    (SEVEN, 'train', 8, 1116, 999, 14.21, 15.14),  # 1024x768 (planner's)
+    (SEVEN, 'train', 8, 1116, 999, 14.21, 15.14),  # 1024x768 (planner's micro-batch)
     (SEVEN, 'train', 2, 2617, 2500, 11.19, 11.95),  # 1400x1400
-    (SEVEN, 'train', 4, 2617, 2500, 15.75, 16.69),  # 1400x1400 (also the planner's)
+    (SEVEN, 'train', 4, 2617, 2500, 15.75, 16.69),  # 1400x1400 (also the planner's micro-batch)
     (SEVEN, 'train', 2, 1342, 1225, 8.93, 9.54),  # 1400x1400 capped
     (SEVEN, 'train', 4, 1342, 1225, 11.22, 11.96),  # 1400x1400 capped
-    (SEVEN, 'train', 8, 1342, 1225, 15.81, 16.83),  # 1400x1400 capped (planner's)
+    (SEVEN, 'train', 8, 1342, 1225, 15.81, 16.83),  # 1400x1400 capped (planner's micro-batch)
     (SEVEN, 'generate', 2, 373, 256, 6.28, 6.34),  # 448x448
     (SEVEN, 'generate', 6, 373, 256, 6.47, 6.57),  # 448x448
     (SEVEN, 'generate', 2, 1116, 999, 6.48, 6.59),  # 1024x768
@@ -321,16 +327,16 @@ MEASURED_PEAKS = [
     (SEVEN, 'score', 64, 1342, 1225, 10.64, 12.38),  # 1400x1400 capped (planner's)
     (THREE, 'train', 2, 373, 256, 3.71, 3.99),  # 448x448
     (THREE, 'train', 4, 373, 256, 4.04, 4.37),  # 448x448
-    (THREE, 'train', 16, 373, 256, 6.61, 7.12),  # 448x448 (planner's)
+    (THREE, 'train', 16, 373, 256, 6.61, 7.12),  # 448x448 (planner's micro-batch)
     (THREE, 'train', 2, 1116, 999, 4.67, 5.08),  # 1024x768
     (THREE, 'train', 4, 1116, 999, 6.07, 6.55),  # 1024x768
-    (THREE, 'train', 16, 1116, 999, 14.87, 15.78),  # 1024x768 (planner's)
+    (THREE, 'train', 16, 1116, 999, 14.87, 15.78),  # 1024x768 (planner's micro-batch)
     (THREE, 'train', 2, 2617, 2500, 6.69, 7.29),  # 1400x1400
     (THREE, 'train', 4, 2617, 2500, 10.25, 10.91),  # 1400x1400
-    (THREE, 'train', 8, 2617, 2500, 17.35, 18.41),  # 1400x1400 (planner's)
+    (THREE, 'train', 8, 2617, 2500, 17.35, 18.41),  # 1400x1400 (planner's micro-batch)
     (THREE, 'train', 2, 1342, 1225, 4.96, 5.45),  # 1400x1400 capped
     (THREE, 'train', 4, 1342, 1225, 6.7, 7.21),  # 1400x1400 capped
-    (THREE, 'train', 16, 1342, 1225, 17.39, 18.47),  # 1400x1400 capped (planner's)
+    (THREE, 'train', 16, 1342, 1225, 17.39, 18.47),  # 1400x1400 capped (planner's micro-batch)
     (THREE, 'generate', 2, 373, 256, 2.62, 2.72),  # 448x448
     (THREE, 'generate', 6, 373, 256, 2.77, 2.86),  # 448x448
     (THREE, 'generate', 2, 1116, 999, 2.8, 2.94),  # 1024x768
@@ -357,6 +363,25 @@ MEASURED_PEAKS = [
     (THREE, 'score', 64, 1342, 1225, 6.23, 6.84),  # 1400x1400 capped (planner's)
 ]
 
+# Training with the last decoder layers not checkpointed (UNCHECKPOINTED_LAYERS), same card,
+# same day: the 7B at 448x448, micro-batch 16, with 7, 14 and 28 layers kept (what
+# TRAIN_KEPT_LAYER_SCALE was fitted to), then the planner's eight choices under the 24 GiB cap
+# (`BENCH_MODELS=7B BENCH_WORK=train make bench-memory CAP=24GiB`, and the 3B's, held out).
+MEASURED_KEPT_PEAKS = [
+    # (model, micro-batch, sequence length, visual tokens per image, layers kept, alloc, reserved)
+    (SEVEN, 16, 373, 256, 7, 20.79, 21.20),
+    (SEVEN, 16, 373, 256, 14, 31.43, 31.89),
+    (SEVEN, 16, 373, 256, 28, 52.75, 53.16),
+    (SEVEN, 16, 373, 256, 6, 19.11, 19.58),  # 448x448 (planner's)
+    (SEVEN, 8, 1116, 999, 3, 19.11, 19.71),  # 1024x768 (planner's)
+    (SEVEN, 4, 2617, 2500, 2, 18.81, 19.47),  # 1400x1400 (planner's)
+    (SEVEN, 8, 1342, 1225, 2, 18.95, 19.61),  # 1400x1400 capped (planner's)
+    (THREE, 16, 373, 256, 16, 19.98, 20.30),  # 448x448 (planner's)
+    (THREE, 16, 1116, 999, 2, 17.91, 18.55),  # 1024x768 (planner's)
+    (THREE, 8, 2617, 2500, 1, 17.83, 18.49),  # 1400x1400 (planner's)
+    (THREE, 16, 1342, 1225, 1, 17.86, 18.55),  # 1400x1400 capped (planner's)
+]
+
 
 @dataclass
 class Estimate:
@@ -380,15 +405,23 @@ def _weights(arch: Architecture, quant: str) -> float:
 def train_peak(arch: Architecture, *, tokens: int, patches: int, quant: str = "4bit",
                lora_r: int = 32, lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,"
                "up_proj,down_proj", logit_rows: int | None = None,
-               fp32_casts: bool = True, length: int | None = None) -> Estimate:
+               fp32_casts: bool = True, length: int | None = None,
+               uncheckpointed: int = 0) -> Estimate:
     """One QLoRA step: `tokens` = micro-batch x padded length, `patches` = vision patches of
     the micro-batch's images (4 per visual token). `logit_rows`: positions that get
     full-vocabulary logits (None = every token, as the model's own loss does; vqa's loss keeps
     only the labelled end of each row). `fp32_casts`: prepare_model_for_kbit_training's fp32
     copies of the unquantized weights (the reference) or not (bf16 kept). `length`: the padded
-    sequence length (tokens / rows; None = one row of `tokens`)."""
+    sequence length (tokens / rows; None = one row of `tokens`). `uncheckpointed`: decoder
+    layers (the last ones) that keep their activations instead of recomputing them."""
     lora = arch.lora_params(lora_r, lora_targets)
     upcast = quant == "4bit" and fp32_casts
+    kept = min(uncheckpointed, arch.layers)
+    # The backward pass frees the un-checkpointed (last) layers' activations before it recomputes
+    # the first checkpointed layer, so the peak holds one or the other, not both.
+    recomputed = TRAIN_ACTIVATION_SCALE * tokens * 12 * arch.intermediate
+    layer_activations = max(recomputed, kept * tokens * TRAIN_KEPT_LAYER_SCALE * 2
+                            * (10 * arch.hidden + 5 * arch.intermediate))
     terms = {
         "base weights (4-bit NF4)" if quant == "4bit" else "base weights (bf16)":
             _weights(arch, quant),
@@ -397,10 +430,11 @@ def train_peak(arch: Architecture, *, tokens: int, patches: int, quant: str = "4
         "autocast's bf16 copy of lm_head": arch.vocab * arch.hidden * 2 if upcast else 0,
         "LoRA weights, gradients, AdamW states (fp32)": lora * 16,
         "dequantized weight buffers": 2 * arch.hidden * arch.intermediate * 2,
-        # the residual stream saved at each checkpointed layer (fp32 behind fp32 embeddings,
-        # else bf16), one layer's MLP recomputed
-        "checkpointed activations": TRAIN_ACTIVATION_SCALE * tokens * (
-            (4 if upcast else 2) * arch.layers * arch.hidden + 12 * arch.intermediate),
+        # the residual stream saved at each layer (fp32 behind fp32 embeddings, else bf16)
+        "checkpointed activations": TRAIN_ACTIVATION_SCALE * tokens
+        * (4 if upcast else 2) * arch.layers * arch.hidden,
+        # one layer's MLP recomputed, or the un-checkpointed layers' activations
+        "layer activations in the backward pass": layer_activations,
         "language model attention scores": tokens * (length or tokens) * arch.heads
         * TRAIN_BYTES_PER_SCORE,
         "logits and loss": (tokens if logit_rows is None else logit_rows) * arch.vocab
@@ -409,8 +443,10 @@ def train_peak(arch: Architecture, *, tokens: int, patches: int, quant: str = "4
         * arch.vision_hidden,
     }
     allocated = sum(terms.values())
-    activations = sum(terms[k] for k in ("checkpointed activations", "vision tower activations",
-                                         "language model attention scores"))
+    # The un-checkpointed layers' activations are made and freed in stack order: they add
+    # next to nothing to the reserve (measured), so it is sized on the recomputed layer.
+    activations = terms["checkpointed activations"] + recomputed + sum(
+        terms[k] for k in ("vision tower activations", "language model attention scores"))
     terms["allocator reserve"] = activations * TRAIN_RESERVE_OF_ACTIVATIONS
     return Estimate(allocated, allocated + terms["allocator reserve"], terms)
 
@@ -588,6 +624,7 @@ class Plan:
     gradient_accumulation: int
     pred_batch_size: int
     reasons: list[str]
+    uncheckpointed_layers: int = 0  # the last decoder layers trained without checkpointing
     verdict: str = "fits"  # fits | will run out of memory | not planned ... | CPU run
     budget: dict | None = None
     train_peak: dict | None = None
@@ -617,12 +654,16 @@ def _cpu_plan(config: Config, reasons: list[str]) -> tuple[int, int]:
     return per_device, pred
 
 
-MAX_PRED_BATCH = 64  # beyond this, scoring throughput no longer grows measurably
+# Beyond this, scoring is no faster a row (batch 32 to 64: flat), and larger is slower: 3B,
+# 448x448, batch 1,388 (all that fits a 24 GiB card) took 0.0252 s a row against 0.0229 in
+# batches of 64 (docs/BENCHMARKS.md).
+MAX_PRED_BATCH = 64
 
 
-def train_estimate(config: Config, arch: Architecture, work: Workload, batch: int) -> Estimate:
-    """The training peak at micro-batch `batch` on the heaviest batch of the workload, under
-    the run's settings."""
+def train_estimate(config: Config, arch: Architecture, work: Workload, batch: int,
+                   uncheckpointed: int = 0) -> Estimate:
+    """The training peak at micro-batch `batch` (the last `uncheckpointed` decoder layers keeping
+    their activations) on the heaviest batch of the workload, under the run's settings."""
     from vqa.model import FP32_CASTS
     from vqa.speed import LABEL_WINDOW
 
@@ -631,7 +672,7 @@ def train_estimate(config: Config, arch: Architecture, work: Workload, batch: in
     return train_peak(arch, tokens=tokens, patches=patches, quant=config.quant,
                       lora_r=config.lora_r, lora_targets=config.lora_targets,
                       logit_rows=rows * LABEL_WINDOW, fp32_casts=FP32_CASTS,
-                      length=tokens // rows)
+                      length=tokens // rows, uncheckpointed=uncheckpointed)
 
 
 def infer_estimate(config: Config, arch: Architecture, work: Workload, batch: int) -> Estimate:
@@ -645,6 +686,13 @@ def infer_estimate(config: Config, arch: Architecture, work: Workload, batch: in
                       lora_r=config.lora_r, lora_targets=config.lora_targets)
 
 
+def _pred_limits(config: Config, work: Workload) -> list[tuple[int, str]]:
+    """Limits on the prediction batch other than GPU memory, each with what it is."""
+    rows = max(1, len(work.test_lengths))
+    return [(MAX_PRED_BATCH, f"{config.infer_mode} throughput does not grow beyond it "
+             f"(MAX_PRED_BATCH)"), (rows, f"it holds every row to predict ({rows})")]
+
+
 def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget,
               plan: Plan) -> tuple[int, int]:
     reasons, limit = plan.reasons, budget.limit_bytes
@@ -652,45 +700,51 @@ def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget
     train = {b: train_estimate(config, arch, work, b)
              for b in range(1, per_rank + 1) if per_rank % b == 0} or {
         1: train_estimate(config, arch, work, 1)}
-    infer = {b: infer_estimate(config, arch, work, b) for b in range(1, MAX_PRED_BATCH + 1)}
+    ceiling, ceiling_why = min(_pred_limits(config, work), key=lambda limit: limit[0])
+    infer = {b: infer_estimate(config, arch, work, b) for b in range(1, ceiling + 1)}
     gib = lambda e: f"{e.reserved / GIB:.1f} GiB"  # noqa: E731
     fits_train = [b for b, e in train.items() if e.reserved <= limit]
     fits_pred = [b for b, e in infer.items() if e.reserved <= limit]
     plan.candidates = (
         [{"work": "train", "batch": b, **e.gib()} for b, e in train.items()]
         + [{"work": config.infer_mode, "batch": b, **infer[b].gib()}
-           for b in (1, 2, 4, 8, 16, 24, 32, 48, 64)])
+           for b in (1, 2, 4, 8, 16, 24, 32, 48, 64) if b in infer])
     where = (f"{budget.name}: {budget.usable_bytes / GIB:.1f} GiB usable after the CUDA "
              f"context, planned to {limit / GIB:.1f} GiB ({PLAN_MARGIN:.0%} margin)")
     reasons.append(where)
     # What stops each batch from growing: memory (the next candidate's predicted peak), or a
-    # limit of its own (the effective batch, MAX_PRED_BATCH).
+    # limit of its own (the effective batch, MAX_PRED_BATCH, the rows to predict).
     best_train, best_pred = max(fits_train or [1]), max(fits_pred or [1])
     above = [b for b in train if b > best_train]
     train_stop = (f"the next divisor, {min(above)}, is predicted at {gib(train[min(above)])}"
                   if above else f"it is the whole effective batch per GPU ({per_rank})")
-    pred_stop = (f"{best_pred + 1} is predicted at {gib(infer[best_pred + 1])}"
-                 if best_pred < MAX_PRED_BATCH else
-                 f"{MAX_PRED_BATCH} is the ceiling (MAX_PRED_BATCH): {config.infer_mode} "
-                 f"throughput does not grow beyond it")
+    pred_stop = (f"{best_pred + 1} is predicted at {infer[best_pred + 1].reserved / GIB:.2f} GiB"
+                 if best_pred < ceiling else f"{best_pred} is the ceiling: {ceiling_why}")
     per_device = _pick(
         "PER_DEVICE_BATCH", config.per_device_batch, best_train,
         f"the largest micro-batch dividing the effective batch whose predicted peak fits "
         f"({gib(train[best_train])}); {train_stop}"
         if fits_train else "nothing fits; see the suggested MAX_PIXELS", reasons)
+    kept = _kept_layers(config, arch, work, per_device, limit, reasons) if fits_train else 0
     pred = _pick("PRED_BATCH_SIZE", config.pred_batch_size, best_pred,
-                 f"the largest {config.infer_mode} batch (up to {MAX_PRED_BATCH}) whose predicted "
-                 f"peak on the longest test rows fits ({gib(infer[best_pred])}); {pred_stop}"
+                 f"the largest {config.infer_mode} batch whose predicted peak on the longest test "
+                 f"rows fits ({gib(infer[best_pred])}); {pred_stop}"
                  if fits_pred else "nothing fits; see the suggested MAX_PIXELS", reasons)
-    # A user's batch may lie outside the candidates (not a divisor, or above MAX_PRED_BATCH).
-    train_at = train.get(per_device) or train_estimate(config, arch, work, per_device)
+    # A user's batch may lie outside the candidates (not a divisor, or beyond the ceiling).
+    train_at = train_estimate(config, arch, work, per_device, kept)
     pred_at = infer.get(pred) or infer_estimate(config, arch, work, pred)
     plan.train_peak, plan.predict_peak = train_at.gib(), pred_at.gib()
+    plan.uncheckpointed_layers = kept
+    if kept:
+        plan.candidates.append({"work": f"train, last {kept} layers kept", "batch": per_device,
+                                **train_at.gib()})
     reasons.append(f"predicted peak reserved: train {gib(train_at)} at micro-batch "
                    f"{per_device} on its heaviest batch, {config.infer_mode} {gib(pred_at)} "
                    f"at batch {pred}")
-    for knob, value, estimate in (("PER_DEVICE_BATCH", config.per_device_batch, train_at),
-                                  ("PRED_BATCH_SIZE", config.pred_batch_size, pred_at)):
+    for knob, value, estimate in (
+            ("PER_DEVICE_BATCH", config.per_device_batch, train_at),
+            ("UNCHECKPOINTED_LAYERS", config.uncheckpointed_layers, train_at),
+            ("PRED_BATCH_SIZE", config.pred_batch_size, pred_at)):
         if value and estimate.reserved > budget.usable_bytes:
             plan.warnings.append(f"{knob}={value} is predicted to need {gib(estimate)}, more than "
                                  f"the {budget.usable_bytes / GIB:.1f} GiB usable: it will run "
@@ -702,6 +756,29 @@ def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget
         plan.blocking.append(f"{work_name} is predicted to peak at {gib(worst)}, more than the "
                              f"{limit / GIB:.1f} GiB planned on {budget.name}")
     return per_device, pred
+
+
+def _kept_layers(config: Config, arch: Architecture, work: Workload, batch: int, limit: float,
+                 reasons: list[str]) -> int:
+    """UNCHECKPOINTED_LAYERS: the user's, else as many decoder layers as the memory the
+    micro-batch leaves can hold; each keeps its activations for the backward pass instead of
+    recomputing its forward there."""
+    if config.uncheckpointed_layers is not None:
+        reasons.append(f"UNCHECKPOINTED_LAYERS={config.uncheckpointed_layers} set by the user")
+        return config.uncheckpointed_layers
+    estimate = lambda k: train_estimate(config, arch, work, batch, k).reserved  # noqa: E731
+    kept = max((k for k in range(arch.layers + 1) if estimate(k) <= limit), default=0)
+    if kept == arch.layers:
+        why = (f"the memory micro-batch {batch} leaves holds every decoder layer's activations "
+               f"({estimate(kept) / GIB:.1f} GiB): gradient checkpointing is off")
+    else:
+        held = (f"keeps the activations of the last {kept} of {arch.layers} decoder layers for "
+                f"the backward pass instead of recomputing them ({estimate(kept) / GIB:.1f} GiB)"
+                if kept else "holds no decoder layer's activations: each is recomputed")
+        why = (f"the memory micro-batch {batch} leaves {held}; {kept + 1} would need "
+               f"{estimate(kept + 1) / GIB:.1f} GiB")
+    reasons.append(f"UNCHECKPOINTED_LAYERS={kept}: {why}")
+    return kept
 
 
 def plan_batch_sizes(config: Config, machine: Machine | None = None,
@@ -732,6 +809,8 @@ def plan_batch_sizes(config: Config, machine: Machine | None = None,
     else:
         plan.verdict = "CPU run"
         per_device, pred = _cpu_plan(config, reasons)
+    if plan.budget is None:  # nothing planned the memory: the user's layers, else all recomputed
+        plan.uncheckpointed_layers = config.uncheckpointed_layers or 0
     ranks = config.nproc
     accumulation = max(1, math.ceil(config.effective_batch_size / (per_device * ranks)))
     if machine is not None and machine.gpus:

@@ -124,8 +124,10 @@ def load_model(config: Config, *, for_training: bool):
 FP32_CASTS = False
 
 
-def attach_lora(model, config: Config, *, fp32_casts: bool | None = None):
-    """The reference LoRA on q,k,v,o,gate,up,down with gradient checkpointing."""
+def attach_lora(model, config: Config, *, fp32_casts: bool | None = None,
+                uncheckpointed_layers: int = 0):
+    """The reference LoRA on q,k,v,o,gate,up,down with gradient checkpointing (but for the last
+    `uncheckpointed_layers` decoder layers: `keep_layer_activations`)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     fp32_casts = FP32_CASTS if fp32_casts is None else fp32_casts
@@ -141,7 +143,23 @@ def attach_lora(model, config: Config, *, fp32_casts: bool | None = None):
         target_modules=[t.strip() for t in config.lora_targets.split(",") if t.strip()],
         bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(config.seed)  # LoRA's A matrices are random: the same SEED, the same start
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    keep_layer_activations(model, uncheckpointed_layers)
+    return model
+
+
+def keep_layer_activations(model, layers: int) -> int:
+    """Gradient checkpointing on every decoder layer but the last `layers`, which keep their
+    activations for the backward pass instead of recomputing their forward there: the memory
+    the planner finds left after the micro-batch, spent on less recomputation. Same gradients
+    (checkpointing replays the dropout masks). Returns the layers actually left out."""
+    from vqa.speed import inner_model
+
+    decoder = inner_model(model).model.language_model.layers
+    kept = min(layers, len(decoder))
+    for index, layer in enumerate(decoder):
+        layer.gradient_checkpointing = index < len(decoder) - kept
+    return kept
 
 
 def adapter_in_compute_dtype(model) -> None:

@@ -343,9 +343,11 @@ def _verdict_line(report: dict) -> str:
     if not plan["budget"]:
         return f"{plan['verdict']}: {plan['per_device_batch']} x {plan['gradient_accumulation']}" \
                f" accumulation, prediction batch {plan['pred_batch_size']}"
+    kept = plan.get("uncheckpointed_layers") or 0
     return (f"{plan['verdict']} on {plan['budget']['name']}: train peak "
             f"{plan['train_peak']['reserved_gib']} GiB at PER_DEVICE_BATCH="
-            f"{plan['per_device_batch']}, predict peak {plan['predict_peak']['reserved_gib']} GiB "
+            f"{plan['per_device_batch']}"
+            f"{f' with UNCHECKPOINTED_LAYERS={kept}' if kept else ''}, predict peak {plan['predict_peak']['reserved_gib']} GiB "
             f"at PRED_BATCH_SIZE={plan['pred_batch_size']}, of {plan['budget']['usable_gib']} "
             f"GiB usable")
 
@@ -419,6 +421,8 @@ def render_markdown(report: dict) -> str:
 
 def plan_settings(plan: dict) -> str:
     line = f"PER_DEVICE_BATCH={plan['per_device_batch']} PRED_BATCH_SIZE={plan['pred_batch_size']}"
+    if plan.get("budget"):  # planned from memory: the layers kept are part of the plan
+        line += f" UNCHECKPOINTED_LAYERS={plan.get('uncheckpointed_layers') or 0}"
     if plan.get("suggested_max_pixels"):
         line += f" MAX_PIXELS={plan['suggested_max_pixels']}"
     return line

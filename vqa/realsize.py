@@ -93,17 +93,22 @@ def build_random_model(model_name: str, folder: Path, seed: int = 0) -> Path:
 
 
 def write_synthetic_data(folder: Path, train_rows: int, test_rows: int,
-                         size: tuple[int, int] = (448, 448), seed: int = 0) -> Path:
-    """train.csv/test.csv in the contract over random-noise images of `size` (width, height)."""
+                         size: tuple[int, int] = (448, 448), seed: int = 0,
+                         images: int | None = None) -> Path:
+    """train.csv/test.csv in the contract over random-noise images of `size` (width, height);
+    `images`: at most this many distinct image files, shared by the rows in turn (memory and
+    speed depend on the images' size, not on their pixels)."""
     rng = random.Random(seed)
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for n in range(train_rows + test_rows):
-        path = f"images/{n}.png"
-        pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8,
-                               generator=torch.Generator().manual_seed(seed + n)).numpy()
-        Image.fromarray(pixels).save(folder / path)
+        index = n % images if images else n
+        path = f"images/{index}.png"
+        if index == n:
+            pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(seed + n)).numpy()
+            Image.fromarray(pixels).save(folder / path)
         options = rng.sample(OPTIONS, 4)
         rows.append({"id": f"r{n:05d}", "path": path, "question": KOREAN_QUESTION,
                      "a": options[0], "b": options[1], "c": options[2], "d": options[3],

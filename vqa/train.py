@@ -2,7 +2,8 @@
 
 Reads top to bottom like the reference setup:
 - 4-bit NF4 + double quantisation + bf16 compute on CUDA with QUANT=4bit; full precision on CPU.
-- LoRA r/alpha/dropout from the config on q,k,v,o,gate,up,down; gradient checkpointing.
+- LoRA r/alpha/dropout from the config on q,k,v,o,gate,up,down; gradient checkpointing, but for
+  the last UNCHECKPOINTED_LAYERS decoder layers (the planner's use of memory left over).
 - Stratified 90/10 split by answer (fixed seed); every training row every epoch.
 - Total batch = PER_DEVICE_BATCH x gradient accumulation x world size = EFFECTIVE_BATCH_SIZE.
 - AdamW, max_grad_norm 0.3, weight decay 0.01, warmup ratio 0.1.
@@ -301,7 +302,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
 # Settings that do not change what training produces; any other change means a new run.
 _NOT_TRAINING = {"PRED_BATCH_SIZE", "MAX_NEW_TOKENS", "INFER_MODE", "DATA_TRAIN_ROWS",
                  "DATA_TEST_ROWS", "BASE_PRETRAIN_STEPS", "NUM_THREADS", "DATALOADER_WORKERS",
-                 "RETRAIN", "ARTIFACTS_DIR", "DATA_DIR"}
+                 "RETRAIN", "ARTIFACTS_DIR", "DATA_DIR",
+                 "UNCHECKPOINTED_LAYERS"}  # the same gradients, recomputed or kept
 
 
 def train_signature(config: Config, per_device_batch: int) -> dict:
@@ -329,7 +331,7 @@ def _checkpoint_to_resume(checkpoints: Path, signature: dict) -> str | None:
     return None
 
 
-def train(config: Config, per_device_batch: int) -> dict:
+def train(config: Config, per_device_batch: int, uncheckpointed_layers: int = 0) -> dict:
     """Fine-tunes LoRA on DATA_DIR/train.csv; returns the metrics written to train_metrics.json.
 
     A finished run with the same signature is not trained again (RETRAIN=1 forces it); a run
@@ -358,7 +360,8 @@ def train(config: Config, per_device_batch: int) -> dict:
         log.info("resuming from %s", resume)
     train_rows, val_rows, skipped = split_rows(config)
     processor = load_processor(config)
-    model = attach_lora(load_model(config, for_training=True), config)
+    model = attach_lora(load_model(config, for_training=True), config,
+                        uncheckpointed_layers=uncheckpointed_layers)
     trainable, total = model.get_nb_trainable_parameters()
     accumulation = gradient_accumulation(config, per_device_batch, here.size)
     device, dtype = device_and_dtype()
@@ -367,6 +370,9 @@ def train(config: Config, per_device_batch: int) -> dict:
              len(train_rows), len(val_rows), per_device_batch, accumulation, here.size,
              per_device_batch * accumulation * here.size, trainable, total,
              100 * trainable / total, device)
+    if uncheckpointed_layers:
+        log.info("the last %d decoder layers keep their activations (not checkpointed)",
+                 uncheckpointed_layers)
 
     preprocess, compute_metrics = letter_metrics(letter_token_ids(processor.tokenizer))
     steps_per_epoch = math.ceil(len(train_rows) / (per_device_batch * accumulation * here.size))
@@ -435,6 +441,7 @@ def train(config: Config, per_device_batch: int) -> dict:
         "per_device_batch": per_device_batch,
         "gradient_accumulation": accumulation,
         "effective_batch_size": per_device_batch * accumulation * here.size,
+        "uncheckpointed_layers": uncheckpointed_layers,
         "optimizer_steps": trainer.state.global_step,
         "epochs_run": trainer.state.epoch,
         "best_checkpoint": trainer.state.best_model_checkpoint,
