@@ -686,13 +686,6 @@ def infer_estimate(config: Config, arch: Architecture, work: Workload, batch: in
                       lora_r=config.lora_r, lora_targets=config.lora_targets)
 
 
-def _pred_limits(config: Config, work: Workload) -> list[tuple[int, str]]:
-    """Limits on the prediction batch other than GPU memory, each with what it is."""
-    rows = max(1, len(work.test_lengths))
-    return [(MAX_PRED_BATCH, f"{config.infer_mode} throughput does not grow beyond it "
-             f"(MAX_PRED_BATCH)"), (rows, f"it holds every row to predict ({rows})")]
-
-
 def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget,
               plan: Plan) -> tuple[int, int]:
     reasons, limit = plan.reasons, budget.limit_bytes
@@ -700,7 +693,11 @@ def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget
     train = {b: train_estimate(config, arch, work, b)
              for b in range(1, per_rank + 1) if per_rank % b == 0} or {
         1: train_estimate(config, arch, work, 1)}
-    ceiling, ceiling_why = min(_pred_limits(config, work), key=lambda limit: limit[0])
+    # The prediction batch's own limits: MAX_PRED_BATCH, or every row when there are fewer.
+    rows = max(1, len(work.test_lengths))
+    ceiling = min(MAX_PRED_BATCH, rows)
+    ceiling_why = (f"{config.infer_mode} throughput does not grow beyond it (MAX_PRED_BATCH)"
+                   if ceiling == MAX_PRED_BATCH else f"it holds every row to predict ({rows})")
     infer = {b: infer_estimate(config, arch, work, b) for b in range(1, ceiling + 1)}
     gib = lambda e: f"{e.reserved / GIB:.1f} GiB"  # noqa: E731
     fits_train = [b for b, e in train.items() if e.reserved <= limit]
@@ -766,17 +763,18 @@ def _kept_layers(config: Config, arch: Architecture, work: Workload, batch: int,
     if config.uncheckpointed_layers is not None:
         reasons.append(f"UNCHECKPOINTED_LAYERS={config.uncheckpointed_layers} set by the user")
         return config.uncheckpointed_layers
-    estimate = lambda k: train_estimate(config, arch, work, batch, k).reserved  # noqa: E731
-    kept = max((k for k in range(arch.layers + 1) if estimate(k) <= limit), default=0)
+    reserved = [train_estimate(config, arch, work, batch, k).reserved / GIB
+                for k in range(arch.layers + 1)]
+    kept = max((k for k, peak in enumerate(reserved) if peak * GIB <= limit), default=0)
     if kept == arch.layers:
         why = (f"the memory micro-batch {batch} leaves holds every decoder layer's activations "
-               f"({estimate(kept) / GIB:.1f} GiB): gradient checkpointing is off")
+               f"({reserved[kept]:.1f} GiB): gradient checkpointing is off")
     else:
         held = (f"keeps the activations of the last {kept} of {arch.layers} decoder layers for "
-                f"the backward pass instead of recomputing them ({estimate(kept) / GIB:.1f} GiB)"
+                f"the backward pass instead of recomputing them ({reserved[kept]:.1f} GiB)"
                 if kept else "holds no decoder layer's activations: each is recomputed")
         why = (f"the memory micro-batch {batch} leaves {held}; {kept + 1} would need "
-               f"{estimate(kept + 1) / GIB:.1f} GiB")
+               f"{reserved[kept + 1]:.1f} GiB")
     reasons.append(f"UNCHECKPOINTED_LAYERS={kept}: {why}")
     return kept
 

@@ -346,10 +346,9 @@ def _verdict_line(report: dict) -> str:
     kept = plan.get("uncheckpointed_layers") or 0
     return (f"{plan['verdict']} on {plan['budget']['name']}: train peak "
             f"{plan['train_peak']['reserved_gib']} GiB at PER_DEVICE_BATCH="
-            f"{plan['per_device_batch']}"
-            f"{f' with UNCHECKPOINTED_LAYERS={kept}' if kept else ''}, predict peak {plan['predict_peak']['reserved_gib']} GiB "
-            f"at PRED_BATCH_SIZE={plan['pred_batch_size']}, of {plan['budget']['usable_gib']} "
-            f"GiB usable")
+            f"{plan['per_device_batch']}{f' with UNCHECKPOINTED_LAYERS={kept}' if kept else ''}, "
+            f"predict peak {plan['predict_peak']['reserved_gib']} GiB at PRED_BATCH_SIZE="
+            f"{plan['pred_batch_size']}, of {plan['budget']['usable_gib']} GiB usable")
 
 
 def render_markdown(report: dict) -> str:
