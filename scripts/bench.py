@@ -341,7 +341,8 @@ def bench_train(bench: Bench, cases: list[Case]) -> None:
     model = ours_model(first.config)
     for case in cases:
         micro = case.plan.per_device_batch
-        keep_layer_activations(model, case.plan.uncheckpointed_layers)  # as make train plans
+        keep_layer_activations(model, case.plan.uncheckpointed_layers,  # as make train plans
+                               case.plan.uncheckpointed_attention)
         ours = train_row(bench, case, "vqa (make train)", micro, attempt(
             bench, lambda: train_curve(bench, model, answer_loss, case.train_collate, case.train,
                                        micro, effective)))

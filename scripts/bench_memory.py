@@ -17,16 +17,18 @@ the two phases the memory model sizes separately.
 BENCH_MODELS=3B,7B, BENCH_IMAGES=448x448,..., BENCH_WORK=train,score,generate and
 BENCH_BATCHES="score=8,24 generate=2,6 train=2,4" pick part of the grid; BENCH_ROWS (2048) sets
 the rows per image size (the planner's prediction batch can hold them all).
-BENCH_UNCHECKPOINTED=0,7,14,28 also times the training step at the grid's largest training
-batch with the last k decoder layers not checkpointed (memory spent on less recomputation).
+BENCH_UNCHECKPOINTED=0,7,14,0+28 also times the training step at the grid's largest training
+batch with the last k decoder layers not checkpointed (k+j: and the j below them checkpointing
+only their MLP), with the planner's prediction (memory spent on less recomputation).
 
 The grid runs uncapped, so every row is measured. --cap 24GiB adds, per image size, the
 planner's own choices for a card of that size, each measured under that cap emulated with
 torch.cuda.set_per_process_memory_fraction: they must not run out of memory, and the report shows
 how much of the cap they use and what the memory buys: the planned training step (with its
-UNCHECKPOINTED_LAYERS) is timed against the same micro-batch with every layer checkpointed. A
-scoring batch above MAX_PRED_BATCH (e.g. BENCH_BATCHES="score=1388") is also timed on the same
-rows in batches of MAX_PRED_BATCH, the ceiling the planner keeps because of it.
+UNCHECKPOINTED_LAYERS and UNCHECKPOINTED_ATTENTION) is timed against the same micro-batch with
+every layer checkpointed. A scoring batch above MAX_PRED_BATCH (e.g. BENCH_BATCHES="score=1388")
+is also timed on the same rows in batches of MAX_PRED_BATCH, the ceiling the planner keeps
+because of it.
 
 --dry-run --model-dir DIR runs the same grid on CPU with a local model (the embedded tiny one):
 every code path but the CUDA measurement, for the test suite.
@@ -159,10 +161,11 @@ def train_step(model, optimizer, batch: dict, device: str) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def step_seconds(model, optimizer, collate, rows, device: str, cuda: bool, kept: int) -> dict:
-    """Seconds per training step on one collated batch with the last `kept` decoder layers not
-    checkpointed, against every layer checkpointed: a warm-up step each, then three rounds of
-    two steps each, alternating; the medians."""
+def step_seconds(model, optimizer, collate, rows, device: str, cuda: bool,
+                 kept: tuple[int, int]) -> dict:
+    """Seconds per training step on one collated batch with `kept` = (the last decoder layers not
+    checkpointed, the attention blocks kept below them), against every layer checkpointed: a
+    warm-up step each, then three rounds of two steps each, alternating; the medians."""
     import statistics
 
     import torch
@@ -171,8 +174,8 @@ def step_seconds(model, optimizer, collate, rows, device: str, cuda: bool, kept:
 
     batch = collated(collate, rows, device)
 
-    def timed(k: int, steps: int) -> float:
-        keep_layer_activations(model, k)
+    def timed(k: tuple[int, int], steps: int) -> float:
+        keep_layer_activations(model, *k)
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
@@ -182,15 +185,16 @@ def step_seconds(model, optimizer, collate, rows, device: str, cuda: bool, kept:
             torch.cuda.synchronize()
         return (time.perf_counter() - started) / steps
 
-    timed(kept, 1), timed(0, 1)
-    rounds = [(timed(0, 2), timed(kept, 2)) for _ in range(3)]
+    timed(kept, 1), timed((0, 0), 1)
+    rounds = [(timed((0, 0), 2), timed(kept, 2)) for _ in range(3)]
     keep_layer_activations(model, 0)
     return {"seconds_per_step": round(statistics.median(r[1] for r in rounds), 3),
             "seconds_per_step_baseline": round(statistics.median(r[0] for r in rounds), 3),
             "baseline": "every decoder layer checkpointed"}
 
 
-def predicted(config, arch, tokens, shapes, work: str, batch: int, kept: int = 0) -> dict:
+def predicted(config, arch, tokens, shapes, work: str, batch: int,
+              kept: tuple[int, int] = (0, 0)) -> dict:
     """The planner's own estimate for these rows, as preflight computes it."""
     import dataclasses
 
@@ -199,7 +203,7 @@ def predicted(config, arch, tokens, shapes, work: str, batch: int, kept: int = 0
     lengths = [tokens.length(s) for s in shapes[:batch]]
     visual = [tokens.visual(s) for s in shapes[:batch]]
     rows = Workload(lengths, visual, lengths, visual)
-    estimate = (train_estimate(config, arch, rows, batch, kept) if work == "train" else
+    estimate = (train_estimate(config, arch, rows, batch, *kept) if work == "train" else
                 infer_estimate(dataclasses.replace(config, infer_mode=work), arch, rows, batch))
     return {"length": max(lengths), "visual_tokens": max(visual), **estimate.gib()}
 
@@ -248,9 +252,10 @@ def bench_model(model_dir: Path, scratch: Path, cap_bytes: int | None, cuda: boo
     results = []
 
     def record(model_name, name, work, batch, config, tokens, shapes, measured, planned=False,
-               kept=0, speed=None):
+               kept=(0, 0), speed=None):
         row = {"model": model_name, "images": name, "work": work, "batch": batch,
-               "planned": planned, "uncheckpointed_layers": kept,
+               "planned": planned, "uncheckpointed_layers": kept[0],
+               "uncheckpointed_attention": kept[1],
                "predicted": predicted(config, arch, tokens, shapes, work, batch, kept),
                "measured": measured, **({"speed": speed} if speed else {})}
         if measured.get("reserved_gib"):
@@ -265,14 +270,14 @@ def bench_model(model_dir: Path, scratch: Path, cap_bytes: int | None, cuda: boo
     adapter = scratch / "adapter"
     if "train" in phases:
         train_phase(model_name, cases, datasets, setting, record, device, cuda, cap_bytes,
-                    adapter)
+                    adapter, lambda c, t, s, b, k: predicted(c, arch, t, s, "train", b, k))
     if "predict" in phases:
         predict_phase(model_name, cases, datasets, setting, record, cuda, cap_bytes, adapter)
     return results
 
 
 def train_phase(model_name, cases, datasets, setting, record, device, cuda, cap_bytes,
-                adapter) -> None:
+                adapter, predict_train) -> None:
     import torch
 
     from vqa.data import VQACollator
@@ -288,18 +293,20 @@ def train_phase(model_name, cases, datasets, setting, record, device, cuda, cap_
         if plan is not None:
             sizes.append((plan.per_device_batch, True))
         for batch, planned in sizes:
-            kept = plan.uncheckpointed_layers if planned else 0
-            keep_layer_activations(model, kept)
+            kept = ((plan.uncheckpointed_layers, plan.uncheckpointed_attention) if planned
+                    else (0, 0))
+            keep_layer_activations(model, *kept)
             measured = measure(train_steps(model, optimizer, collate, rows[:batch], device), cuda,
                                cap_bytes if planned else None)
             keep_layer_activations(model, 0)
             speed = (step_seconds(model, optimizer, collate, rows[:batch], device, cuda, kept)
-                     if kept and not measured["oom"] else None)
+                     if any(kept) and not measured["oom"] else None)
             record(model_name, name, "train", batch, config, tokens, shapes, measured, planned,
                    kept, speed)
         if os.environ.get("BENCH_UNCHECKPOINTED"):
-            checkpointing_trade(model, optimizer, collate, rows[:max(batches("train"))], device,
-                                cuda, name)
+            most = max(batches("train"))
+            checkpointing_trade(model, optimizer, collate, rows[:most], device, cuda, name,
+                                lambda k: predict_train(config, tokens, shapes, most, k))
     model.save_pretrained(adapter)
     del model, optimizer
     if cuda:
@@ -307,16 +314,19 @@ def train_phase(model_name, cases, datasets, setting, record, device, cuda, cap_
 
 
 def checkpointing_trade(model, optimizer, collate, rows, device: str, cuda: bool,
-                        images: str) -> None:
-    """BENCH_UNCHECKPOINTED=0,7,14,28: the training step with its last k decoder layers not
-    checkpointed, peak memory and seconds per step (after a warm-up): what spare memory would
-    buy if spent on less recomputation. Prints one JSON line per k."""
+                        images: str, predict) -> None:
+    """BENCH_UNCHECKPOINTED=0,7,14,0+28: the training step with its last k decoder layers not
+    checkpointed (k+j: and the j below them checkpointing only their MLP), peak memory, the
+    planner's prediction and seconds per step (after a warm-up): what spare memory would buy if
+    spent on less recomputation. Prints one JSON line per entry."""
     import torch
 
     from vqa.model import keep_layer_activations
 
-    for k in [int(k) for k in os.environ["BENCH_UNCHECKPOINTED"].split(",")]:
-        keep_layer_activations(model, k)
+    for entry in os.environ["BENCH_UNCHECKPOINTED"].split(","):
+        k, _, j = entry.partition("+")
+        kept = (int(k), int(j or 0))
+        keep_layer_activations(model, *kept)
         steps = train_steps(model, optimizer, collate, rows, device)  # two steps a call
         steps()
 
@@ -326,9 +336,10 @@ def checkpointing_trade(model, optimizer, collate, rows, device: str, cuda: bool
                 torch.cuda.synchronize()
 
         measured = measure(timed, cuda)
-        print(json.dumps({"uncheckpointed_layers": k, "images": images, "rows": len(rows),
+        print(json.dumps({"uncheckpointed_layers": kept[0], "uncheckpointed_attention": kept[1],
+                          "images": images, "rows": len(rows),
                           "seconds_per_step": round(measured.pop("seconds") / 2, 3),
-                          **measured}), flush=True)
+                          **measured, "predicted": predict(kept)}), flush=True)
     keep_layer_activations(model, 0)
 
 
@@ -400,6 +411,8 @@ def phases_in_fresh_processes(args, model_dir: Path, work: Path) -> list[dict]:
 
 
 def markdown(results: list[dict], header: str) -> str:
+    from vqa.memory import kept_words
+
     lines = [header, "", "| model | images | work | batch | predicted alloc / reserved GiB | "
              "measured alloc / reserved GiB | vision / language phase alloc GiB | "
              "reserved error | share of the cap | time: this / baseline |",
@@ -413,8 +426,8 @@ def markdown(results: list[dict], header: str) -> str:
         error = f"{r['reserved_error']:+.1%}" if "reserved_error" in r else "-"
         share = f"{r['share_of_cap']:.0%}" if "share_of_cap" in r else "-"
         work = r["work"] + (" (planner's)" if r["planned"] else "")
-        batch = str(r["batch"]) + (f", last {r['uncheckpointed_layers']} layers kept"
-                                   if r.get("uncheckpointed_layers") else "")
+        kept = kept_words(r.get("uncheckpointed_layers", 0), r.get("uncheckpointed_attention", 0))
+        batch = str(r["batch"]) + (f", {kept}" if kept else "")
         speed = "-"
         if r.get("speed"):
             unit = "step" if "seconds_per_step" in r["speed"] else "row"

@@ -10,7 +10,8 @@ def stage(config: Config) -> None:
     from vqa.train import train
 
     plan = plan_run(config, train_csv=True)
-    train(config, plan.per_device_batch, plan.uncheckpointed_layers)
+    train(config, plan.per_device_batch, plan.uncheckpointed_layers,
+          plan.uncheckpointed_attention)
 
 
 if __name__ == "__main__":

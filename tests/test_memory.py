@@ -131,20 +131,25 @@ def test_every_measured_peak_is_predicted_closely(model_id, work, batch, length,
     assert abs(sum(estimate.terms.values()) - estimate.reserved) < 1  # the terms add up
 
 
-@pytest.mark.parametrize("model_id, batch, length, visual, kept, allocated, reserved",
+@pytest.mark.parametrize("model_id, batch, length, visual, kept, attention, allocated, reserved",
                          MEASURED_KEPT_PEAKS)
 def test_training_with_layers_kept_is_predicted_closely(model_id, batch, length, visual, kept,
-                                                        allocated, reserved):
+                                                        attention, allocated, reserved):
     from vqa.speed import LABEL_WINDOW
 
-    def estimate(layers):
+    def estimate(layers, blocks=attention):
         return train_peak(_arch(model_id), tokens=batch * length, patches=batch * 4 * visual,
                           logit_rows=batch * LABEL_WINDOW, length=length, fp32_casts=False,
-                          uncheckpointed=layers)
+                          uncheckpointed=layers, attention_kept=blocks)
 
     assert abs(estimate(kept).reserved / GIB / reserved - 1) <= 0.10
     assert abs(estimate(kept).allocated / GIB / allocated - 1) <= 0.10
-    assert estimate(kept).reserved > estimate(kept - 1).reserved  # each layer kept costs
+    # each layer kept costs, and each attention block a fraction of what a layer costs
+    assert kept == 0 or estimate(kept).reserved > estimate(kept - 1).reserved
+    if attention:
+        block = estimate(kept).reserved - estimate(kept, attention - 1).reserved
+        layer = estimate(kept + 2, 0).reserved - estimate(kept + 1, 0).reserved
+        assert 0 < block < layer / 2
 
 
 @pytest.mark.parametrize("model_id, batch, length, visual, larger", [
@@ -220,13 +225,17 @@ def test_planner_picks_the_largest_batches_that_fit_each_card(card):
     assert all(train[b] > limit for b in larger)  # the next divisor would not fit
     assert plan.per_device_batch * plan.gradient_accumulation == 16
     assert plan.predict_peak["reserved_gib"] <= limit
-    # what the micro-batch leaves goes to un-checkpointed layers, one more would not fit
-    kept, arch, work = plan.uncheckpointed_layers, _arch(SEVEN_B), _work(256, 370)
-    assert train[plan.per_device_batch] <= plan.train_peak["reserved_gib"] <= limit
+    # what the micro-batch leaves goes to un-checkpointed layers, one more would not fit; what
+    # those leave, to attention blocks below them, one more of which would not fit either
+    kept, attention = plan.uncheckpointed_layers, plan.uncheckpointed_attention
+    arch, work, batch = _arch(SEVEN_B), _work(256, 370), plan.per_device_batch
+    assert train[batch] <= plan.train_peak["reserved_gib"] <= limit
     assert plan.train_peak["reserved_gib"] * GIB == pytest.approx(
-        train_estimate(config, arch, work, plan.per_device_batch, kept).reserved, rel=1e-3)
+        train_estimate(config, arch, work, batch, kept, attention).reserved, rel=1e-3)
     assert kept == arch.layers or train_estimate(
-        config, arch, work, plan.per_device_batch, kept + 1).reserved > limit * GIB
+        config, arch, work, batch, kept + 1).reserved > limit * GIB
+    assert kept + attention == arch.layers or train_estimate(
+        config, arch, work, batch, kept, attention + 1).reserved > limit * GIB
     predict = {c["batch"]: c["reserved_gib"] for c in plan.candidates if c["work"] == "score"}
     assert predict[plan.pred_batch_size] <= limit
     assert predict.get(plan.pred_batch_size + 1, limit + 1) > limit  # shown when memory stops it
@@ -288,7 +297,7 @@ def test_bench_memory_grid_runs_end_to_end_on_cpu(tiny_model_dir, tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "ARTIFACTS_DIR": str(tmp_path / "out"),
            "BENCH_SCRATCH": str(tmp_path / "scratch"), "BENCH_IMAGES": "448x448",
-           "BENCH_UNCHECKPOINTED": "0,1", "BENCH_ROWS": "70",
+           "BENCH_UNCHECKPOINTED": "0,2,0+1", "BENCH_ROWS": "70",
            "BENCH_BATCHES": "train=2,4 score=8,70 generate=2,6"}
     done = subprocess.run([sys.executable, "scripts/bench_memory.py", "--dry-run", "--model-dir",
                            str(tiny_model_dir), "--cap", "24GiB"], cwd=root, env=env,
@@ -316,8 +325,12 @@ def test_bench_memory_grid_runs_end_to_end_on_cpu(tiny_model_dir, tmp_path):
     assert "| tiny" not in done.stdout and "| base-model | 448x448 | train | 2 |" in done.stdout
     trade = [json.loads(line) for line in done.stdout.splitlines()
              if line.startswith('{"uncheckpointed_layers"')]
-    assert [(t["uncheckpointed_layers"], t["rows"]) for t in trade] == [(0, 4), (1, 4)]
+    assert [(t["uncheckpointed_layers"], t["uncheckpointed_attention"], t["rows"])
+            for t in trade] == [(0, 0, 4), (2, 0, 4), (0, 1, 4)]
     assert all(t["seconds_per_step"] > 0 for t in trade)
+    # each with the planner's prediction: two kept layers cost more than an attention block
+    reserved = [t["predicted"]["reserved_gib"] for t in trade]
+    assert reserved[0] < reserved[2] < reserved[1]
 
 
 def test_bench_memory_picks_work_and_batches_from_the_environment(monkeypatch):

@@ -88,12 +88,15 @@ def test_a10g_plan_for_the_7b_from_the_package_table_when_the_hub_is_unreachable
     assert ("decoder activations" in where) != (
         "vision tower activations (one chunk)" in where)
     assert f"PER_DEVICE_BATCH={plan['per_device_batch']} PRED_BATCH_SIZE=" in markdown
-    # eight rows: micro-batch 16 is the effective batch; the rest of the card keeps layers
-    kept = plan["uncheckpointed_layers"]
-    assert plan["per_device_batch"] == 16 and 0 < kept <= 28
-    assert f"UNCHECKPOINTED_LAYERS={kept}\n```" in markdown
-    assert f"| train, last {kept} layers kept | 16 |" in markdown
-    assert f"with UNCHECKPOINTED_LAYERS={kept}, predict peak" in out
+    # eight rows: micro-batch 16 is the effective batch; the rest of the card keeps layers,
+    # and what those leave keeps attention blocks below them
+    kept, attention = plan["uncheckpointed_layers"], plan["uncheckpointed_attention"]
+    assert plan["per_device_batch"] == 16 and 0 < kept and 0 < attention and kept + attention <= 28
+    assert f"UNCHECKPOINTED_LAYERS={kept} UNCHECKPOINTED_ATTENTION={attention}\n```" in markdown
+    assert (f"| train, last {kept} layers kept + {attention} attention blocks kept below | 16 |"
+            in markdown)
+    assert (f"with UNCHECKPOINTED_LAYERS={kept} UNCHECKPOINTED_ATTENTION={attention}, predict peak"
+            in out)
 
 
 def test_images_too_large_for_the_card_block_and_name_the_max_pixels_that_fit(

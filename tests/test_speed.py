@@ -269,9 +269,9 @@ def test_linear_patch_embedding_equals_the_conv(model_and_batch):
 
 
 def test_layers_kept_out_of_checkpointing_give_the_same_gradients(model_and_batch):
-    """UNCHECKPOINTED_LAYERS spends memory on recomputing less, never on other gradients:
-    checkpointing replays the LoRA dropout's masks, so keeping every layer's activations gives
-    the gradients of recomputing every layer."""
+    """UNCHECKPOINTED_LAYERS and UNCHECKPOINTED_ATTENTION spend memory on recomputing less, never
+    on other gradients: checkpointing replays the LoRA dropout's masks, so keeping every layer's
+    activations, or only their attention's, gives the gradients of recomputing every layer."""
     from vqa.config import load_config
     from vqa.model import attach_lora, keep_layer_activations
     from vqa.speed import inner_model
@@ -283,14 +283,31 @@ def test_layers_kept_out_of_checkpointing_give_the_same_gradients(model_and_batc
     assert [layer.gradient_checkpointing for layer in layers] == [True] * (len(layers) - 1) + [
         False]  # the last layer keeps its activations
     adapted.train()
-    gradients = {}
-    for kept in (0, len(layers)):
-        assert keep_layer_activations(adapted, kept and kept + 5) == kept  # at most every layer
+    n = len(layers)
+    gradients, saved = {}, {}
+    # asked for, kept: at most every layer; attention blocks only below the layers kept whole
+    for asked, kept in (((0, 0), (0, 0)), ((n + 5, 0), (n, 0)), ((0, n), (0, n)),
+                        ((1, n), (1, n - 1))):
+        assert keep_layer_activations(adapted, *asked) == kept
+        assert [layer.gradient_checkpointing for layer in layers] == [
+            i < n - sum(kept) for i in range(n)]
+        assert [getattr(layer.mlp, "_vqa_checkpointed", False) for layer in layers] == [
+            n - sum(kept) <= i < n - kept[0] for i in range(n)]
+        sizes = {}  # what the forward saves for the backward pass, by storage
         torch.manual_seed(3)  # the same dropout masks
-        answer_loss(adapted, batch).backward()
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: sizes.setdefault(t.untyped_storage().data_ptr(),
+                                           t.untyped_storage().nbytes()) and t, lambda t: t):
+            loss = answer_loss(adapted, batch)
+        loss.backward()
+        saved[kept] = sum(sizes.values())
         gradients[kept] = {name: p.grad.clone() for name, p in adapted.named_parameters()
                            if p.grad is not None}
         adapted.zero_grad(set_to_none=True)
-    assert len(gradients[0]) > 10 and gradients[0].keys() == gradients[len(layers)].keys()
-    for name, gradient in gradients[0].items():
-        torch.testing.assert_close(gradients[len(layers)][name], gradient)
+    # keeping the attention holds more than checkpointing whole layers, less than keeping all
+    assert saved[(0, 0)] < saved[(0, n)] < saved[(1, n - 1)] < saved[(n, 0)]
+    assert len(gradients[(0, 0)]) > 10
+    for kept in ((n, 0), (0, n)):
+        assert gradients[(0, 0)].keys() == gradients[kept].keys()
+        for name, gradient in gradients[(0, 0)].items():
+            torch.testing.assert_close(gradients[kept][name], gradient)

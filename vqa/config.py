@@ -44,6 +44,9 @@ class Config:
     # the last decoder layers that keep their activations instead of recomputing them in the
     # backward pass (less recomputation for memory); None = the planner's choice, 0 = none
     uncheckpointed_layers: int | None = None
+    # the decoder layers below those that keep their attention's activations and recompute only
+    # their MLP (a finer step of the same trade); None = the planner's choice, 0 = none
+    uncheckpointed_attention: int | None = None
     retrain: int = 0  # 1 = train again even when a finished run with these settings exists
     seed: int = 42
     quant: Literal["4bit", "none"] = "4bit"
@@ -154,9 +157,10 @@ def _check(config: Config) -> None:
         value = getattr(config, name)
         if not 0 <= value < 1:
             raise ConfigError(f"{knob_name(name)}={value}: must lie in [0, 1)")
-    if config.uncheckpointed_layers is not None and config.uncheckpointed_layers < 0:
-        raise ConfigError(f"UNCHECKPOINTED_LAYERS={config.uncheckpointed_layers}: must be 0 or "
-                          f"more")
+    for name in ("uncheckpointed_layers", "uncheckpointed_attention"):
+        value = getattr(config, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{knob_name(name)}={value}: must be 0 or more")
     if config.dataloader_workers is not None and config.dataloader_workers < 0:
         raise ConfigError(f"DATALOADER_WORKERS={config.dataloader_workers}: must be 0 or more")
     if config.lr <= 0:

@@ -260,6 +260,11 @@ TRAIN_RESERVE_OF_ACTIVATIONS = 0.16  # the caching allocator's reserve over the 
 # projections' inputs; gate, up, their product and the activation). Fitted to the 7B at 448x448,
 # micro-batch 16, with 7, 14 and 28 layers un-checkpointed (274 KB a token; within 1.1%).
 TRAIN_KEPT_LAYER_SCALE = 1.05
+# What one decoder layer whose MLP alone is checkpointed (UNCHECKPOINTED_ATTENTION) keeps, per
+# token, as a share of twelve hidden-wide and two key/value-wide bf16 tensors: the norm's input
+# and fp32 copies, the LoRA dropouts' and projections' inputs, query, attention output and keys
+# and values (counted with saved-tensor hooks on a small model; the scale fitted on the GPU).
+TRAIN_KEPT_ATTENTION_SCALE = 0.97
 # Prediction: each phase's peak allocated fitted by least squares on relative error (the vision
 # tower's phase: the patch scale; the language model's: the token and score terms), then the
 # reserve ratios that keep the largest reserved error smallest (see MEASURED_PEAKS).
@@ -363,23 +368,37 @@ MEASURED_PEAKS = [
     (THREE, 'score', 64, 1342, 1225, 6.23, 6.84),  # 1400x1400 capped (planner's)
 ]
 
-# Training with the last decoder layers not checkpointed (UNCHECKPOINTED_LAYERS), same card,
-# same day: the 7B at 448x448, micro-batch 16, with 7, 14 and 28 layers kept (what
+# Training with the last decoder layers not checkpointed (UNCHECKPOINTED_LAYERS), same card:
+# on 2026-11-29 the 7B at 448x448, micro-batch 16, with 7, 14 and 28 layers kept (what
 # TRAIN_KEPT_LAYER_SCALE was fitted to), then the planner's eight choices under the 24 GiB cap
-# (`BENCH_MODELS=7B BENCH_WORK=train make bench-memory CAP=24GiB`, and the 3B's, held out).
+# (`BENCH_MODELS=7B BENCH_WORK=train make bench-memory CAP=24GiB`, and the 3B's, held out); on
+# 2026-11-30 the same 7B batch with 14 and 28 layers checkpointing only their MLP
+# (UNCHECKPOINTED_ATTENTION; BENCH_UNCHECKPOINTED=0,0+14,0+28, what TRAIN_KEPT_ATTENTION_SCALE
+# was fitted to: the 28's allocated), then the planner's eight choices with both.
 MEASURED_KEPT_PEAKS = [
-    # (model, micro-batch, sequence length, visual tokens per image, layers kept, alloc, reserved)
-    (SEVEN, 16, 373, 256, 7, 20.79, 21.20),
-    (SEVEN, 16, 373, 256, 14, 31.43, 31.89),
-    (SEVEN, 16, 373, 256, 28, 52.75, 53.16),
-    (SEVEN, 16, 373, 256, 6, 19.11, 19.58),  # 448x448 (planner's)
-    (SEVEN, 8, 1116, 999, 3, 19.11, 19.71),  # 1024x768 (planner's)
-    (SEVEN, 4, 2617, 2500, 2, 18.81, 19.47),  # 1400x1400 (planner's)
-    (SEVEN, 8, 1342, 1225, 2, 18.95, 19.61),  # 1400x1400 capped (planner's)
-    (THREE, 16, 373, 256, 16, 19.98, 20.30),  # 448x448 (planner's)
-    (THREE, 16, 1116, 999, 2, 17.91, 18.55),  # 1024x768 (planner's)
-    (THREE, 8, 2617, 2500, 1, 17.83, 18.49),  # 1400x1400 (planner's)
-    (THREE, 16, 1342, 1225, 1, 17.86, 18.55),  # 1400x1400 capped (planner's)
+    # (model, micro-batch, sequence length, visual tokens per image, layers kept, attention
+    # blocks kept, allocated, reserved)
+    (SEVEN, 16, 373, 256, 7, 0, 20.79, 21.20),
+    (SEVEN, 16, 373, 256, 14, 0, 31.43, 31.89),
+    (SEVEN, 16, 373, 256, 28, 0, 52.75, 53.16),
+    (SEVEN, 16, 373, 256, 6, 0, 19.11, 19.58),  # 448x448 (planner's, 2026-11-29)
+    (SEVEN, 8, 1116, 999, 3, 0, 19.11, 19.71),  # 1024x768 (planner's, 2026-11-29)
+    (SEVEN, 4, 2617, 2500, 2, 0, 18.81, 19.47),  # 1400x1400 (planner's, 2026-11-29)
+    (SEVEN, 8, 1342, 1225, 2, 0, 18.95, 19.61),  # 1400x1400 capped (planner's, 2026-11-29)
+    (THREE, 16, 373, 256, 16, 0, 19.98, 20.30),  # 448x448 (planner's, 2026-11-29)
+    (THREE, 16, 1116, 999, 2, 0, 17.91, 18.55),  # 1024x768 (planner's, 2026-11-29)
+    (THREE, 8, 2617, 2500, 1, 0, 17.83, 18.49),  # 1400x1400 (planner's, 2026-11-29)
+    (THREE, 16, 1342, 1225, 1, 0, 17.86, 18.55),  # 1400x1400 capped (planner's, 2026-11-29)
+    (SEVEN, 16, 373, 256, 0, 14, 17.60, 18.33),
+    (SEVEN, 16, 373, 256, 0, 28, 24.50, 25.21),
+    (SEVEN, 16, 373, 256, 6, 3, 20.58, 21.05),  # 448x448 (planner's, 2026-11-30)
+    (SEVEN, 8, 1116, 999, 3, 1, 19.85, 20.41),  # 1024x768 (planner's, 2026-11-30)
+    (SEVEN, 4, 2617, 2500, 2, 1, 19.68, 20.31),  # 1400x1400 (planner's, 2026-11-30)
+    (SEVEN, 8, 1342, 1225, 2, 1, 19.83, 20.47),  # 1400x1400 capped (planner's, 2026-11-30)
+    (THREE, 16, 373, 256, 16, 2, 20.54, 20.84),  # 448x448 (planner's, 2026-11-30)
+    (THREE, 16, 1116, 999, 2, 2, 19.59, 20.21),  # 1024x768 (planner's, 2026-11-30)
+    (THREE, 8, 2617, 2500, 1, 1, 18.82, 19.49),  # 1400x1400 (planner's, 2026-11-30)
+    (THREE, 16, 1342, 1225, 1, 1, 18.87, 19.55),  # 1400x1400 capped (planner's, 2026-11-30)
 ]
 
 
@@ -406,22 +425,28 @@ def train_peak(arch: Architecture, *, tokens: int, patches: int, quant: str = "4
                lora_r: int = 32, lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,"
                "up_proj,down_proj", logit_rows: int | None = None,
                fp32_casts: bool = True, length: int | None = None,
-               uncheckpointed: int = 0) -> Estimate:
+               uncheckpointed: int = 0, attention_kept: int = 0) -> Estimate:
     """One QLoRA step: `tokens` = micro-batch x padded length, `patches` = vision patches of
     the micro-batch's images (4 per visual token). `logit_rows`: positions that get
     full-vocabulary logits (None = every token, as the model's own loss does; vqa's loss keeps
     only the labelled end of each row). `fp32_casts`: prepare_model_for_kbit_training's fp32
     copies of the unquantized weights (the reference) or not (bf16 kept). `length`: the padded
     sequence length (tokens / rows; None = one row of `tokens`). `uncheckpointed`: decoder
-    layers (the last ones) that keep their activations instead of recomputing them."""
+    layers (the last ones) that keep their activations instead of recomputing them;
+    `attention_kept`: layers below those that keep their attention's and recompute their MLP."""
     lora = arch.lora_params(lora_r, lora_targets)
     upcast = quant == "4bit" and fp32_casts
     kept = min(uncheckpointed, arch.layers)
+    attention = min(attention_kept, arch.layers - kept)
     # The backward pass frees the un-checkpointed (last) layers' activations before it recomputes
-    # the first checkpointed layer, so the peak holds one or the other, not both.
+    # the first checkpointed layer, so the peak holds one or the other, not both. The layers
+    # that keep only their attention's sit below them and hold it until their own backward.
     recomputed = TRAIN_ACTIVATION_SCALE * tokens * 12 * arch.intermediate
     layer_activations = max(recomputed, kept * tokens * TRAIN_KEPT_LAYER_SCALE * 2
                             * (10 * arch.hidden + 5 * arch.intermediate))
+    kv_width = arch.kv_heads * arch.hidden // arch.heads
+    attention_activations = (attention * tokens * TRAIN_KEPT_ATTENTION_SCALE * 2
+                             * (12 * arch.hidden + 2 * kv_width))
     terms = {
         "base weights (4-bit NF4)" if quant == "4bit" else "base weights (bf16)":
             _weights(arch, quant),
@@ -435,6 +460,7 @@ def train_peak(arch: Architecture, *, tokens: int, patches: int, quant: str = "4
         * (4 if upcast else 2) * arch.layers * arch.hidden,
         # one layer's MLP recomputed, or the un-checkpointed layers' activations
         "layer activations in the backward pass": layer_activations,
+        "attention activations kept (MLP recomputed)": attention_activations,
         "language model attention scores": tokens * (length or tokens) * arch.heads
         * TRAIN_BYTES_PER_SCORE,
         "logits and loss": (tokens if logit_rows is None else logit_rows) * arch.vocab
@@ -443,8 +469,9 @@ def train_peak(arch: Architecture, *, tokens: int, patches: int, quant: str = "4
         * arch.vision_hidden,
     }
     allocated = sum(terms.values())
-    # The un-checkpointed layers' activations are made and freed in stack order: they add
-    # next to nothing to the reserve (measured), so it is sized on the recomputed layer.
+    # The un-checkpointed layers' activations (and attention blocks') are made and freed in stack
+    # order: they add next to nothing to the reserve (measured), so it is sized on the
+    # recomputed layer.
     activations = terms["checkpointed activations"] + recomputed + sum(
         terms[k] for k in ("vision tower activations", "language model attention scores"))
     terms["allocator reserve"] = activations * TRAIN_RESERVE_OF_ACTIVATIONS
@@ -625,6 +652,7 @@ class Plan:
     pred_batch_size: int
     reasons: list[str]
     uncheckpointed_layers: int = 0  # the last decoder layers trained without checkpointing
+    uncheckpointed_attention: int = 0  # the layers below those that checkpoint only their MLP
     verdict: str = "fits"  # fits | will run out of memory | not planned ... | CPU run
     budget: dict | None = None
     train_peak: dict | None = None
@@ -661,9 +689,10 @@ MAX_PRED_BATCH = 64
 
 
 def train_estimate(config: Config, arch: Architecture, work: Workload, batch: int,
-                   uncheckpointed: int = 0) -> Estimate:
+                   uncheckpointed: int = 0, attention: int = 0) -> Estimate:
     """The training peak at micro-batch `batch` (the last `uncheckpointed` decoder layers keeping
-    their activations) on the heaviest batch of the workload, under the run's settings."""
+    their activations, the `attention` below them their attention's) on the heaviest batch of
+    the workload, under the run's settings."""
     from vqa.model import FP32_CASTS
     from vqa.speed import LABEL_WINDOW
 
@@ -672,7 +701,8 @@ def train_estimate(config: Config, arch: Architecture, work: Workload, batch: in
     return train_peak(arch, tokens=tokens, patches=patches, quant=config.quant,
                       lora_r=config.lora_r, lora_targets=config.lora_targets,
                       logit_rows=rows * LABEL_WINDOW, fp32_casts=FP32_CASTS,
-                      length=tokens // rows, uncheckpointed=uncheckpointed)
+                      length=tokens // rows, uncheckpointed=uncheckpointed,
+                      attention_kept=attention)
 
 
 def infer_estimate(config: Config, arch: Architecture, work: Workload, batch: int) -> Estimate:
@@ -722,25 +752,27 @@ def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget
         f"the largest micro-batch dividing the effective batch whose predicted peak fits "
         f"({gib(train[best_train])}); {train_stop}"
         if fits_train else "nothing fits; see the suggested MAX_PIXELS", reasons)
-    kept = _kept_layers(config, arch, work, per_device, limit, reasons) if fits_train else 0
+    kept, attention = (_kept_layers(config, arch, work, per_device, limit, reasons)
+                       if fits_train else (0, 0))
     pred = _pick("PRED_BATCH_SIZE", config.pred_batch_size, best_pred,
                  f"the largest {config.infer_mode} batch whose predicted peak on the longest test "
                  f"rows fits ({gib(infer[best_pred])}); {pred_stop}"
                  if fits_pred else "nothing fits; see the suggested MAX_PIXELS", reasons)
     # A user's batch may lie outside the candidates (not a divisor, or beyond the ceiling).
-    train_at = train_estimate(config, arch, work, per_device, kept)
+    train_at = train_estimate(config, arch, work, per_device, kept, attention)
     pred_at = infer.get(pred) or infer_estimate(config, arch, work, pred)
     plan.train_peak, plan.predict_peak = train_at.gib(), pred_at.gib()
-    plan.uncheckpointed_layers = kept
-    if kept:
-        plan.candidates.append({"work": f"train, last {kept} layers kept", "batch": per_device,
-                                **train_at.gib()})
+    plan.uncheckpointed_layers, plan.uncheckpointed_attention = kept, attention
+    if kept or attention:
+        plan.candidates.append({"work": f"train, {kept_words(kept, attention)}",
+                                "batch": per_device, **train_at.gib()})
     reasons.append(f"predicted peak reserved: train {gib(train_at)} at micro-batch "
                    f"{per_device} on its heaviest batch, {config.infer_mode} {gib(pred_at)} "
                    f"at batch {pred}")
     for knob, value, estimate in (
             ("PER_DEVICE_BATCH", config.per_device_batch, train_at),
             ("UNCHECKPOINTED_LAYERS", config.uncheckpointed_layers, train_at),
+            ("UNCHECKPOINTED_ATTENTION", config.uncheckpointed_attention, train_at),
             ("PRED_BATCH_SIZE", config.pred_batch_size, pred_at)):
         if value and estimate.reserved > budget.usable_bytes:
             plan.warnings.append(f"{knob}={value} is predicted to need {gib(estimate)}, more than "
@@ -755,28 +787,54 @@ def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget
     return per_device, pred
 
 
+def kept_words(layers: int, attention: int) -> str:
+    """'last 6 layers kept', '... + 3 attention blocks', for the candidates table."""
+    words = f"last {layers} layers kept" if layers else ""
+    if attention:
+        words += f"{' + ' if words else ''}{attention} attention blocks kept below"
+    return words
+
+
 def _kept_layers(config: Config, arch: Architecture, work: Workload, batch: int, limit: float,
-                 reasons: list[str]) -> int:
-    """UNCHECKPOINTED_LAYERS: the user's, else as many decoder layers as the memory the
-    micro-batch leaves can hold; each keeps its activations for the backward pass instead of
-    recomputing its forward there."""
+                 reasons: list[str]) -> tuple[int, int]:
+    """UNCHECKPOINTED_LAYERS and UNCHECKPOINTED_ATTENTION: the user's, else as many decoder
+    layers as the memory the micro-batch leaves can hold, each keeping its activations for the
+    backward pass instead of recomputing its forward there; then, in what those leave, as many
+    layers below them as can keep their attention's activations and recompute only the MLP."""
     if config.uncheckpointed_layers is not None:
         reasons.append(f"UNCHECKPOINTED_LAYERS={config.uncheckpointed_layers} set by the user")
-        return config.uncheckpointed_layers
-    reserved = [train_estimate(config, arch, work, batch, k).reserved / GIB
-                for k in range(arch.layers + 1)]
-    kept = max((k for k, peak in enumerate(reserved) if peak * GIB <= limit), default=0)
-    if kept == arch.layers:
-        why = (f"the memory micro-batch {batch} leaves holds every decoder layer's activations "
-               f"({reserved[kept]:.1f} GiB): gradient checkpointing is off")
+        kept = config.uncheckpointed_layers
     else:
-        held = (f"keeps the activations of the last {kept} of {arch.layers} decoder layers for "
-                f"the backward pass instead of recomputing them ({reserved[kept]:.1f} GiB)"
-                if kept else "holds no decoder layer's activations: each is recomputed")
-        why = (f"the memory micro-batch {batch} leaves {held}; {kept + 1} would need "
-               f"{reserved[kept + 1]:.1f} GiB")
-    reasons.append(f"UNCHECKPOINTED_LAYERS={kept}: {why}")
-    return kept
+        reserved = [train_estimate(config, arch, work, batch, k).reserved / GIB
+                    for k in range(arch.layers + 1)]
+        kept = max((k for k, peak in enumerate(reserved) if peak * GIB <= limit), default=0)
+        if kept == arch.layers:
+            why = (f"the memory micro-batch {batch} leaves holds every decoder layer's "
+                   f"activations ({reserved[kept]:.1f} GiB): gradient checkpointing is off")
+        else:
+            held = (f"keeps the activations of the last {kept} of {arch.layers} decoder layers "
+                    f"for the backward pass instead of recomputing them ({reserved[kept]:.1f} GiB)"
+                    if kept else "holds no decoder layer's activations: each is recomputed")
+            why = (f"the memory micro-batch {batch} leaves {held}; {kept + 1} would need "
+                   f"{reserved[kept + 1]:.1f} GiB")
+        reasons.append(f"UNCHECKPOINTED_LAYERS={kept}: {why}")
+    below = max(0, arch.layers - min(kept, arch.layers))
+    if config.uncheckpointed_attention is not None:
+        reasons.append(f"UNCHECKPOINTED_ATTENTION={config.uncheckpointed_attention} set by the "
+                       f"user")
+        return kept, config.uncheckpointed_attention
+    reserved = [train_estimate(config, arch, work, batch, kept, j).reserved / GIB
+                for j in range(below + 1)]
+    attention = max((j for j, peak in enumerate(reserved) if peak * GIB <= limit), default=0)
+    if attention == below:
+        why = (f"every layer below the kept ones keeps its attention's activations "
+               f"({reserved[attention]:.1f} GiB)" if below else "no layer is checkpointed")
+    else:
+        why = (f"{attention} layers below the kept ones keep their attention's activations and "
+               f"recompute only their MLP ({reserved[attention]:.1f} GiB); {attention + 1} "
+               f"would need {reserved[attention + 1]:.1f} GiB")
+    reasons.append(f"UNCHECKPOINTED_ATTENTION={attention}: {why}")
+    return kept, attention
 
 
 def plan_batch_sizes(config: Config, machine: Machine | None = None,
@@ -809,6 +867,7 @@ def plan_batch_sizes(config: Config, machine: Machine | None = None,
         per_device, pred = _cpu_plan(config, reasons)
     if plan.budget is None:  # nothing planned the memory: the user's layers, else all recomputed
         plan.uncheckpointed_layers = config.uncheckpointed_layers or 0
+        plan.uncheckpointed_attention = config.uncheckpointed_attention or 0
     ranks = config.nproc
     accumulation = max(1, math.ceil(config.effective_batch_size / (per_device * ranks)))
     if machine is not None and machine.gpus:

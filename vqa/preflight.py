@@ -343,10 +343,12 @@ def _verdict_line(report: dict) -> str:
     if not plan["budget"]:
         return f"{plan['verdict']}: {plan['per_device_batch']} x {plan['gradient_accumulation']}" \
                f" accumulation, prediction batch {plan['pred_batch_size']}"
-    kept = plan.get("uncheckpointed_layers") or 0
+    kept = [f"{knob}={plan.get(key) or 0}" for knob, key in (
+        ("UNCHECKPOINTED_LAYERS", "uncheckpointed_layers"),
+        ("UNCHECKPOINTED_ATTENTION", "uncheckpointed_attention")) if plan.get(key)]
     return (f"{plan['verdict']} on {plan['budget']['name']}: train peak "
             f"{plan['train_peak']['reserved_gib']} GiB at PER_DEVICE_BATCH="
-            f"{plan['per_device_batch']}{f' with UNCHECKPOINTED_LAYERS={kept}' if kept else ''}, "
+            f"{plan['per_device_batch']}{' with ' + ' '.join(kept) if kept else ''}, "
             f"predict peak {plan['predict_peak']['reserved_gib']} GiB at PRED_BATCH_SIZE="
             f"{plan['pred_batch_size']}, of {plan['budget']['usable_gib']} GiB usable")
 
@@ -421,7 +423,8 @@ def render_markdown(report: dict) -> str:
 def plan_settings(plan: dict) -> str:
     line = f"PER_DEVICE_BATCH={plan['per_device_batch']} PRED_BATCH_SIZE={plan['pred_batch_size']}"
     if plan.get("budget"):  # planned from memory: the layers kept are part of the plan
-        line += f" UNCHECKPOINTED_LAYERS={plan.get('uncheckpointed_layers') or 0}"
+        line += (f" UNCHECKPOINTED_LAYERS={plan.get('uncheckpointed_layers') or 0}"
+                 f" UNCHECKPOINTED_ATTENTION={plan.get('uncheckpointed_attention') or 0}")
     if plan.get("suggested_max_pixels"):
         line += f" MAX_PIXELS={plan['suggested_max_pixels']}"
     return line

@@ -3,7 +3,8 @@
 Reads top to bottom like the reference setup:
 - 4-bit NF4 + double quantisation + bf16 compute on CUDA with QUANT=4bit; full precision on CPU.
 - LoRA r/alpha/dropout from the config on q,k,v,o,gate,up,down; gradient checkpointing, but for
-  the last UNCHECKPOINTED_LAYERS decoder layers (the planner's use of memory left over).
+  the last UNCHECKPOINTED_LAYERS decoder layers and UNCHECKPOINTED_ATTENTION attention blocks
+  below them (the planner's use of memory left over).
 - Stratified 90/10 split by answer (fixed seed); every training row every epoch.
 - Total batch = PER_DEVICE_BATCH x gradient accumulation x world size = EFFECTIVE_BATCH_SIZE.
 - AdamW, max_grad_norm 0.3, weight decay 0.01, warmup ratio 0.1.
@@ -303,7 +304,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 _NOT_TRAINING = {"PRED_BATCH_SIZE", "MAX_NEW_TOKENS", "INFER_MODE", "DATA_TRAIN_ROWS",
                  "DATA_TEST_ROWS", "BASE_PRETRAIN_STEPS", "NUM_THREADS", "DATALOADER_WORKERS",
                  "RETRAIN", "ARTIFACTS_DIR", "DATA_DIR",
-                 "UNCHECKPOINTED_LAYERS"}  # the same gradients, recomputed or kept
+                 "UNCHECKPOINTED_LAYERS", "UNCHECKPOINTED_ATTENTION"}  # same gradients, kept or not
 
 
 def train_signature(config: Config, per_device_batch: int) -> dict:
@@ -331,7 +332,8 @@ def _checkpoint_to_resume(checkpoints: Path, signature: dict) -> str | None:
     return None
 
 
-def train(config: Config, per_device_batch: int, uncheckpointed_layers: int = 0) -> dict:
+def train(config: Config, per_device_batch: int, uncheckpointed_layers: int = 0,
+          uncheckpointed_attention: int = 0) -> dict:
     """Fine-tunes LoRA on DATA_DIR/train.csv; returns the metrics written to train_metrics.json.
 
     A finished run with the same signature is not trained again (RETRAIN=1 forces it); a run
@@ -361,7 +363,8 @@ def train(config: Config, per_device_batch: int, uncheckpointed_layers: int = 0)
     train_rows, val_rows, skipped = split_rows(config)
     processor = load_processor(config)
     model = attach_lora(load_model(config, for_training=True), config,
-                        uncheckpointed_layers=uncheckpointed_layers)
+                        uncheckpointed_layers=uncheckpointed_layers,
+                        uncheckpointed_attention=uncheckpointed_attention)
     trainable, total = model.get_nb_trainable_parameters()
     accumulation = gradient_accumulation(config, per_device_batch, here.size)
     device, dtype = device_and_dtype()
@@ -370,9 +373,9 @@ def train(config: Config, per_device_batch: int, uncheckpointed_layers: int = 0)
              len(train_rows), len(val_rows), per_device_batch, accumulation, here.size,
              per_device_batch * accumulation * here.size, trainable, total,
              100 * trainable / total, device)
-    if uncheckpointed_layers:
-        log.info("the last %d decoder layers keep their activations (not checkpointed)",
-                 uncheckpointed_layers)
+    if uncheckpointed_layers or uncheckpointed_attention:
+        log.info("the last %d decoder layers keep their activations (not checkpointed), the %d "
+                 "below them their attention's", uncheckpointed_layers, uncheckpointed_attention)
 
     preprocess, compute_metrics = letter_metrics(letter_token_ids(processor.tokenizer))
     steps_per_epoch = math.ceil(len(train_rows) / (per_device_batch * accumulation * here.size))
@@ -442,6 +445,7 @@ def train(config: Config, per_device_batch: int, uncheckpointed_layers: int = 0)
         "gradient_accumulation": accumulation,
         "effective_batch_size": per_device_batch * accumulation * here.size,
         "uncheckpointed_layers": uncheckpointed_layers,
+        "uncheckpointed_attention": uncheckpointed_attention,
         "optimizer_steps": trainer.state.global_step,
         "epochs_run": trainer.state.epoch,
         "best_checkpoint": trainer.state.best_model_checkpoint,
