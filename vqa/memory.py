@@ -816,7 +816,7 @@ def _kept_layers(config: Config, arch: Architecture, work: Workload, batch: int,
                     f"for the backward pass instead of recomputing them ({reserved[kept]:.1f} GiB)"
                     if kept else "holds no decoder layer's activations: each is recomputed")
             why = (f"the memory micro-batch {batch} leaves {held}; {kept + 1} would need "
-                   f"{reserved[kept + 1]:.1f} GiB")
+                   f"{reserved[kept + 1]:.2f} GiB, more than the {limit / GIB:.2f} planned")
         reasons.append(f"UNCHECKPOINTED_LAYERS={kept}: {why}")
     below = max(0, arch.layers - min(kept, arch.layers))
     if config.uncheckpointed_attention is not None:
@@ -832,7 +832,8 @@ def _kept_layers(config: Config, arch: Architecture, work: Workload, batch: int,
     else:
         why = (f"{attention} layers below the kept ones keep their attention's activations and "
                f"recompute only their MLP ({reserved[attention]:.1f} GiB); {attention + 1} "
-               f"would need {reserved[attention + 1]:.1f} GiB")
+               f"would need {reserved[attention + 1]:.2f} GiB, more than the {limit / GIB:.2f} "
+               f"planned")
     reasons.append(f"UNCHECKPOINTED_ATTENTION={attention}: {why}")
     return kept, attention
 
