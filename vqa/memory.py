@@ -795,45 +795,56 @@ def kept_words(layers: int, attention: int) -> str:
     return words
 
 
+def _most_that_fit(peak, most: int, limit: float) -> tuple[int, float, float | None]:
+    """The largest n in 0..most whose predicted reserved `peak(n)` (GiB, growing with n) fits
+    `limit` (bytes; 0 when none does), its peak, and the next count's (None when n = most)."""
+    fits, at = 0, peak(0)
+    while fits < most:
+        following = peak(fits + 1)
+        if following * GIB > limit:
+            return fits, at, following
+        fits, at = fits + 1, following
+    return fits, at, None
+
+
 def _kept_layers(config: Config, arch: Architecture, work: Workload, batch: int, limit: float,
                  reasons: list[str]) -> tuple[int, int]:
     """UNCHECKPOINTED_LAYERS and UNCHECKPOINTED_ATTENTION: the user's, else as many decoder
     layers as the memory the micro-batch leaves can hold, each keeping its activations for the
     backward pass instead of recomputing its forward there; then, in what those leave, as many
     layers below them as can keep their attention's activations and recompute only the MLP."""
+    def beyond(count: int, peak: float) -> str:
+        return f"{count} would need {peak:.2f} GiB, more than the {limit / GIB:.2f} planned"
+
     if config.uncheckpointed_layers is not None:
         reasons.append(f"UNCHECKPOINTED_LAYERS={config.uncheckpointed_layers} set by the user")
         kept = config.uncheckpointed_layers
     else:
-        reserved = [train_estimate(config, arch, work, batch, k).reserved / GIB
-                    for k in range(arch.layers + 1)]
-        kept = max((k for k, peak in enumerate(reserved) if peak * GIB <= limit), default=0)
-        if kept == arch.layers:
+        kept, at, following = _most_that_fit(
+            lambda k: train_estimate(config, arch, work, batch, k).reserved / GIB,
+            arch.layers, limit)
+        if following is None:
             why = (f"the memory micro-batch {batch} leaves holds every decoder layer's "
-                   f"activations ({reserved[kept]:.1f} GiB): gradient checkpointing is off")
+                   f"activations ({at:.1f} GiB): gradient checkpointing is off")
         else:
             held = (f"keeps the activations of the last {kept} of {arch.layers} decoder layers "
-                    f"for the backward pass instead of recomputing them ({reserved[kept]:.1f} GiB)"
+                    f"for the backward pass instead of recomputing them ({at:.1f} GiB)"
                     if kept else "holds no decoder layer's activations: each is recomputed")
-            why = (f"the memory micro-batch {batch} leaves {held}; {kept + 1} would need "
-                   f"{reserved[kept + 1]:.2f} GiB, more than the {limit / GIB:.2f} planned")
+            why = f"the memory micro-batch {batch} leaves {held}; {beyond(kept + 1, following)}"
         reasons.append(f"UNCHECKPOINTED_LAYERS={kept}: {why}")
-    below = max(0, arch.layers - min(kept, arch.layers))
     if config.uncheckpointed_attention is not None:
         reasons.append(f"UNCHECKPOINTED_ATTENTION={config.uncheckpointed_attention} set by the "
                        f"user")
         return kept, config.uncheckpointed_attention
-    reserved = [train_estimate(config, arch, work, batch, kept, j).reserved / GIB
-                for j in range(below + 1)]
-    attention = max((j for j, peak in enumerate(reserved) if peak * GIB <= limit), default=0)
-    if attention == below:
-        why = (f"every layer below the kept ones keeps its attention's activations "
-               f"({reserved[attention]:.1f} GiB)" if below else "no layer is checkpointed")
+    below = max(0, arch.layers - min(kept, arch.layers))
+    attention, at, following = _most_that_fit(
+        lambda j: train_estimate(config, arch, work, batch, kept, j).reserved / GIB, below, limit)
+    if following is None:
+        why = (f"every layer below the kept ones keeps its attention's activations ({at:.1f} GiB)"
+               if below else "no layer is checkpointed")
     else:
         why = (f"{attention} layers below the kept ones keep their attention's activations and "
-               f"recompute only their MLP ({reserved[attention]:.1f} GiB); {attention + 1} "
-               f"would need {reserved[attention + 1]:.2f} GiB, more than the {limit / GIB:.2f} "
-               f"planned")
+               f"recompute only their MLP ({at:.1f} GiB); {beyond(attention + 1, following)}")
     reasons.append(f"UNCHECKPOINTED_ATTENTION={attention}: {why}")
     return kept, attention
 

@@ -343,7 +343,7 @@ def _verdict_line(report: dict) -> str:
     if not plan["budget"]:
         return f"{plan['verdict']}: {plan['per_device_batch']} x {plan['gradient_accumulation']}" \
                f" accumulation, prediction batch {plan['pred_batch_size']}"
-    kept = [f"{knob}={plan.get(key) or 0}" for knob, key in (
+    kept = [f"{knob}={plan[key]}" for knob, key in (
         ("UNCHECKPOINTED_LAYERS", "uncheckpointed_layers"),
         ("UNCHECKPOINTED_ATTENTION", "uncheckpointed_attention")) if plan.get(key)]
     return (f"{plan['verdict']} on {plan['budget']['name']}: train peak "
