@@ -32,6 +32,9 @@ def test_unrelated_environment_is_ignored():
     ("LORA_DROPOUT=1.5", "LORA_DROPOUT=1.5: must lie in [0, 1)"),
     ("PER_DEVICE_BATCH=0", "PER_DEVICE_BATCH=0: must be positive"),
     ("PER_DEVICE_BATCH=3", "not a multiple of PER_DEVICE_BATCH=3"),
+    # once passed here and ended in a traceback from scikit-learn's split
+    ("VAL_FRACTION=0", "VAL_FRACTION=0.0: must lie in (0, 1): early stopping and the best "
+                       "checkpoint are chosen on validation rows"),
     ("justaword", "settings are KEY=value"),
 ])
 def test_bad_settings_are_one_line_errors(arg, message):

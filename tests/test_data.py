@@ -103,6 +103,17 @@ def test_split_is_stratified_reproducible_and_complete():
     assert list(other["id"]) != list(train["id"])
 
 
+def test_a_split_too_small_to_stratify_is_drawn_at_random_and_one_too_small_to_split_says_so():
+    """Eight rows, two of each letter, at VAL_FRACTION=0.1: one validation row cannot hold four
+    letters (scikit-learn raised a traceback); a single row cannot be split at all."""
+    frame = pd.DataFrame(_rows(8))
+    train, val = stratified_split(frame, 0.1, seed=7)
+    assert (len(train), len(val)) == (7, 1)
+    assert set(train["id"]) | set(val["id"]) == set(frame["id"])
+    with pytest.raises(DataError, match=r"train.csv: 1 usable row\(s\) cannot be split"):
+        stratified_split(frame.head(1), 0.1, seed=7, path="train.csv")
+
+
 def test_validation_sample_is_capped_and_stratified():
     frame = pd.DataFrame(_rows(1000))
     sample = stratified_sample(frame, 256, seed=1)

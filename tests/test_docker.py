@@ -85,6 +85,30 @@ def test_every_setting_passes_through_compose_and_is_documented_in_env_example(t
     assert done.returncode == 0, done.stderr
 
 
+def test_env_example_states_each_settings_default_as_vqa_has_it():
+    """Each `# default X` above a setting in .env.example is that setting's default in
+    vqa/config.py (it once said 0 for DATALOADER_WORKERS, whose default is auto)."""
+    import dataclasses
+    from typing import get_type_hints
+
+    from vqa.config import Config, _parse_value
+
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    hints = get_type_hints(Config)
+    defaults = {f.name.upper(): f.default for f in dataclasses.fields(Config)}
+    checked = 0
+    for n, line in enumerate(lines):
+        knob = line.split("=", 1)[0]
+        if knob not in defaults or knob in MOUNTED:
+            continue
+        comment = next(lines[i] for i in range(n - 1, -1, -1)
+                       if lines[i].startswith("# default "))
+        stated = re.match(r"# default (\"[^\"]*\"|[^:\s]+)", comment).group(1).strip('"')
+        assert _parse_value(knob, stated, hints[knob.lower()]) == defaults[knob], knob
+        checked += 1
+    assert checked == len(set(defaults) - MOUNTED - {"MODEL_ID"}) + 1
+
+
 def _lock(name: str = "requirements.lock") -> dict[str, str]:
     pins = {}
     for line in (ROOT / name).read_text().splitlines():

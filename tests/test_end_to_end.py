@@ -41,7 +41,7 @@ def test_train_eval_submit_and_reload(run_dir):
 
     config = _config(run_dir)
 
-    metrics = train(config, per_device_batch=8)
+    metrics = train(config)
     import torch
 
     assert metrics["quantized_4bit"] == torch.cuda.is_available()  # QUANT=4bit is CUDA-only
@@ -55,14 +55,20 @@ def test_train_eval_submit_and_reload(run_dir):
     assert (run_dir / "train_curve.png").stat().st_size > 1000
 
     report = evaluate(config)
-    assert report["validation"]["rows"] == 16
-    assert 0.0 <= report["test"]["accuracy"] <= 1.0 and report["test"]["rows"] == 48
+    assert report["validation"]["rows"] == 16 and report["test"]["rows"] == 48
     assert set(report["test"]["per_family"]) <= {"color", "shape", "yes/no"}
     assert (run_dir / "confusion_matrix.png").is_file()
+    families = report["test"]["per_family"].values()
+    assert report["test"]["accuracy"] == pytest.approx(
+        sum(f["accuracy"] * f["rows"] for f in families) / 48)
 
     submit(config)
     submission = pd.read_csv(run_dir / "submission.csv", dtype=str)
     test = pd.read_csv(config.data_dir / "test.csv", dtype=str)
+    # eval scored the test rows in the same batches as submit: its accuracy is the submission's
+    key = pd.read_csv(config.data_dir / "test_answers.csv", dtype=str).set_index("id")["answer"]
+    right = (submission.set_index("id")["answer"] == key.reindex(submission["id"])).mean()
+    assert report["test"]["accuracy"] == pytest.approx(right)
     sample = pd.read_csv(config.data_dir / "sample_submission.csv", dtype=str)
     assert list(submission["id"]) == list(sample["id"])  # sample_submission's order
     assert sorted(submission["id"]) == sorted(test["id"]) and submission["id"].is_unique
@@ -198,10 +204,10 @@ def test_train_killed_mid_run_resumes_and_a_finished_run_is_not_redone(run_dir, 
     shutil.copytree(run_dir / "base-model", artifacts / "base-model")
     args = [sys.executable, "scripts/train.py", f"ARTIFACTS_DIR={artifacts}",
             f"DATA_DIR={run_dir / 'data'}", "EPOCHS=3", "LR=2e-3", "VAL_SAMPLE=16",
-            "PER_DEVICE_BATCH=8", "EARLY_STOPPING_PATIENCE=3"]
+            "EARLY_STOPPING_PATIENCE=3"]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    first = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    first = subprocess.Popen([*args, "PER_DEVICE_BATCH=8"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = artifacts / "checkpoints" / "checkpoint-9" / "trainer_state.json"
     deadline = time.time() + 300
     while time.time() < deadline and not state.is_file() and first.poll() is None:
@@ -211,7 +217,9 @@ def test_train_killed_mid_run_resumes_and_a_finished_run_is_not_redone(run_dir, 
     first.wait()
     assert state.is_file() and not (artifacts / "train_metrics.json").exists()
 
-    resumed = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    # Resumed as on another card: the plan there has another micro-batch (and accumulation).
+    resumed = subprocess.run([*args, "PER_DEVICE_BATCH=4"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
     metrics = json.loads((artifacts / "train_metrics.json").read_text())
@@ -220,7 +228,8 @@ def test_train_killed_mid_run_resumes_and_a_finished_run_is_not_redone(run_dir, 
     adapter = artifacts / "lora_adapter" / "adapter_model.safetensors"
     written = adapter.stat().st_mtime_ns
 
-    again = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    again = subprocess.run([*args, "PER_DEVICE_BATCH=2"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "already trained with these settings" in again.stderr
     assert adapter.stat().st_mtime_ns == written
 
@@ -245,8 +254,8 @@ def test_train_backs_off_on_out_of_memory_with_the_same_effective_batch(run_dir,
             monkeypatch.setenv(key, faults.get(key, ""))
         config = load_config([f"ARTIFACTS_DIR={artifacts}", f"DATA_DIR={run_dir / 'data'}",
                               "EPOCHS=1", "LR=2e-3", "VAL_SAMPLE=16", "LORA_DROPOUT=0",
-                              "EFFECTIVE_BATCH_SIZE=8"], environ={})
-        return train(config, per_device_batch=4), _adapter_weights(artifacts)
+                              "EFFECTIVE_BATCH_SIZE=8", "PER_DEVICE_BATCH=4"], environ={})
+        return train(config), _adapter_weights(artifacts)
 
     clean, clean_weights = run("clean")
     assert clean["out_of_memory_splits"] == []
@@ -323,7 +332,7 @@ def test_broken_images_skip_train_rows_and_test_rows_go_text_only(run_dir, tmp_p
                           "VAL_SAMPLE=16", "PER_DEVICE_BATCH=8", "PRED_BATCH_SIZE=16"],
                          environ={})
 
-    metrics = train(config, per_device_batch=8)
+    metrics = train(config)
     expected = {r["id"] for r in train_csv.to_dict("records") if r["path"] == broken_train}
     skipped = metrics["skipped_train_rows"]
     assert {s["id"] for s in skipped} == expected and skipped[0]["row"] == 7
@@ -342,5 +351,63 @@ def test_broken_images_skip_train_rows_and_test_rows_go_text_only(run_dir, tmp_p
         (data / path).unlink(missing_ok=True)
     with pytest.raises(DataError, match=r"images unusable .* is DATA_DIR right\?"):
         train(load_config([f"ARTIFACTS_DIR={tmp_path / 'other'}", f"DATA_DIR={data}",
-                           f"MODEL_ID={artifacts / 'base-model'}"], environ={}),
-              per_device_batch=8)
+                           f"MODEL_ID={artifacts / 'base-model'}", "PER_DEVICE_BATCH=8"],
+                          environ={}))
+
+
+def _plan_lines(text: str, prefix: str) -> list[str]:
+    """What follows `prefix` on each line of a stage's output, in order."""
+    return [line.split(prefix, 1)[1] for line in text.splitlines() if prefix in line]
+
+
+@pytest.mark.slow
+def test_every_stage_runs_with_the_plan_preflight_made(run_dir, tmp_path):
+    """preflight plans for an A10G; train, eval and submit read its plan.json and print the part
+    they use in preflight's own words and numbers; a changed input is named and re-planned."""
+    artifacts = tmp_path / "artifacts"
+    shutil.copytree(run_dir / "base-model", artifacts / "base-model")
+    data = tmp_path / "data"
+    shutil.copytree(run_dir / "data", data)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    common = [f"ARTIFACTS_DIR={artifacts}", f"DATA_DIR={data}", "TARGET_GPU=A10G"]
+
+    def run(script, *settings):
+        done = subprocess.run([sys.executable, f"scripts/{script}.py", *common, *settings],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    preflight = run("preflight").stdout
+    planned = {stage: _plan_lines(preflight, f"  {stage}: ") for stage in ("train", "submit")}
+    saved = json.loads((artifacts / "plan.json").read_text())
+    assert saved["made_by"] == "preflight" and saved["plan"]["budget"]["name"].startswith(
+        "TARGET_GPU=A10G")
+    micro = saved["plan"]["per_device_batch"]
+    assert planned["train"][0].startswith(f"PER_DEVICE_BATCH={micro}: ")
+    assert any("predicted peak reserved: train" in line for line in planned["train"])
+    assert planned["submit"][0].startswith(f"PRED_BATCH_SIZE={saved['plan']['pred_batch_size']}")
+
+    for stage, settings, part in (("train", ["EPOCHS=1", "VAL_SAMPLE=16", "LR=2e-3"], "train"),
+                                  ("eval", [], "submit"), ("submit", [], "submit")):
+        log = run(stage, *settings).stderr
+        assert f"plan: read from {artifacts / 'plan.json'} (made by preflight" in log, stage
+        used = [line for line in _plan_lines(log, " INFO plan: ")
+                if not line.startswith(("read from", "saved to"))]
+        assert used == planned[part], stage
+    metrics = json.loads((artifacts / "train_metrics.json").read_text())
+    assert metrics["per_device_batch"] == micro
+    assert metrics["gradient_accumulation"] == saved["plan"]["gradient_accumulation"]
+    assert json.loads((artifacts / "submit_report.json").read_text())["pred_batch_size"] == \
+        saved["plan"]["pred_batch_size"]
+
+    # Changed inputs are named, planned again and saved; the plan then serves the next stage.
+    test_image = pd.read_csv(data / "test.csv", dtype=str).at[0, "path"]
+    from PIL import Image
+
+    Image.new("RGB", (640, 480), (1, 2, 3)).save(data / test_image)
+    log = run("submit", "MAX_PIXELS=200704").stderr
+    assert (f"plan: inputs changed since {artifacts / 'plan.json'} was made: MAX_PIXELS, images; "
+            f"planning again") in log
+    assert json.loads((artifacts / "plan.json").read_text())["made_by"] == "submit"
+    log = run("submit", "MAX_PIXELS=200704").stderr
+    assert "(made by submit" in log and "planning again" not in log

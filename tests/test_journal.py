@@ -1,7 +1,7 @@
 import json
 
 from vqa.io import file_fingerprint
-from vqa.journal import PredictionJournal
+from vqa.journal import PredictionJournal, journal_path, read_all
 
 
 def test_journal_resumes_and_cuts_a_torn_line(tmp_path):
@@ -39,11 +39,20 @@ def test_fingerprint_follows_content(tmp_path):
     assert file_fingerprint(path) != first
 
 
-def test_journal_remembers_rows_answered_without_their_image(tmp_path):
-    path = tmp_path / "predictions.journal.jsonl"
-    journal = PredictionJournal(path, {"model": "m"})
-    journal.load()
-    journal.append({"1": "a", "2": "b"}, {"2": "x.png: not an image PIL can read"})
-    again = PredictionJournal(path, {"model": "m"})
-    assert again.load() == {"1": "a", "2": "b"}
-    assert again.text_only == {"2": "x.png: not an image PIL can read"}
+def test_journals_of_every_rank_merge_with_the_rows_answered_without_their_image(tmp_path):
+    """read_all (what submit reads) merges the main journal and each rank's, with the notes on
+    rows asked as text only, and passes over another run's journal and a torn last line."""
+    main = tmp_path / "predictions.journal.jsonl"
+    zero, one = (PredictionJournal(journal_path(main, rank), {"model": "m"}) for rank in (0, 1))
+    for journal in (zero, one):
+        journal.load()
+    zero.append({"1": "a", "2": "b"}, {"2": "x.png: not an image PIL can read"})
+    one.append({"3": "c"})
+    with open(journal_path(main, 1), "a") as handle:
+        handle.write('{"id": "4", "answer": "d"')  # killed mid-write
+    other = PredictionJournal(journal_path(main, 2), {"model": "another"})
+    other.load()
+    other.append({"5": "a"})
+    answers, text_only = read_all(main, {"model": "m"})
+    assert answers == {"1": "a", "2": "b", "3": "c"}
+    assert text_only == {"2": "x.png: not an image PIL can read"}

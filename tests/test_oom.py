@@ -44,6 +44,39 @@ def test_split_batch_pieces_equal_batches_collated_alone(tiny_model_dir, small_d
     assert sum(p["pixel_values"].shape[0] for p in pieces) == batch["pixel_values"].shape[0]
 
 
+def test_prediction_batches_split_like_batches_prepared_alone(tiny_model_dir, small_data):
+    """A prediction batch as the preparing workers make it (rope positions computed on the CPU,
+    a row asked as text only because its image is broken) splits into the batches its rows
+    would have formed on their own: the OOM back-off never collates again."""
+    from transformers import AutoProcessor
+
+    from vqa.data import VQACollator
+    from vqa.predict import _Prepare
+    from vqa.speed import RopeIndex
+    from vqa.tiny import tiny_config
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    (small_data / "images" / "t1.png").write_bytes(b"broken")
+    Image.new("RGB", (200, 120), (9, 9, 9)).save(small_data / "images" / "t2.png")
+    rows = pd.read_csv(small_data / "test.csv", dtype=str).to_dict("records")
+    rows[3] = {**rows[3], "question": "a much longer question " * 6}
+    prepare = _Prepare(VQACollator(processor, Path(small_data)),
+                       rope=RopeIndex(tiny_config(processor.tokenizer)))
+    batch, text_only = prepare(rows)
+    assert set(text_only) == {"te1"} and batch["position_ids"].shape[:2] == (3, 4)
+    for sizes in ([1, 3], [2, 2], [1, 1, 2]):
+        start = 0
+        for piece, size in zip(split_batch(batch, sizes), sizes):
+            alone, _ = prepare(rows[start:start + size])
+            if "position_ids" not in alone:  # text only alone: the model's own 1-D positions,
+                length = alone["input_ids"].shape[1]  # which the batch's rope rows equal
+                alone["position_ids"] = torch.arange(length).expand(3, size, length)
+            assert piece.keys() == alone.keys(), sizes
+            for key, value in alone.items():
+                assert torch.equal(piece[key], value), (sizes, key)
+            start += size
+
+
 def test_split_batch_refuses_sizes_that_do_not_add_up():
     batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long)}
     with pytest.raises(ValueError, match="cannot split 4 rows"):

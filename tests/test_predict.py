@@ -63,3 +63,29 @@ def test_scoring_keeps_no_kv_cache(tiny_model_dir, small_data):
     rows = read_table(small_data / "test.csv", with_answer=False).to_dict("records")
     result = predict_rows(model, processor, rows, small_data, batch_size=2, workers=0)
     assert len(result.answers) == len(rows) and caches and all(c is None for c in caches)
+
+
+def test_after_an_out_of_memory_split_batches_still_come_from_the_workers(
+        tiny_model_dir, small_data, monkeypatch):
+    """The back-off halves the batch the workers prepared: the main process collates nothing,
+    before the split or after it, and the answers are those of a run without a fault."""
+    import os
+
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from vqa import data, predict
+    from vqa.data import read_table
+    from vqa.oom import FaultInjector
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
+    rows = read_table(small_data / "test.csv", with_answer=False).to_dict("records")
+    clean = predict.predict_rows(model, processor, rows, small_data, batch_size=2, workers=2)
+    main, in_main = os.getpid(), []
+    collate = data.VQACollator.__call__
+    monkeypatch.setattr(data.VQACollator, "__call__", lambda self, batch: (
+        in_main.append(len(batch)) if os.getpid() == main else None) or collate(self, batch))
+    monkeypatch.setattr(predict, "FAULTS", FaultInjector(oom_at={1}))
+    hurt = predict.predict_rows(model, processor, rows, small_data, batch_size=2, workers=2)
+    assert hurt.oom_splits == [2] and in_main == []
+    assert hurt.answers == clean.answers and len(hurt.answers) == len(rows)

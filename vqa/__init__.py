@@ -2,8 +2,10 @@
 
 Stages (one script each under scripts/, one Make target each): data, model, preflight, train,
 eval, submit. The modules: config (settings), data (CSV contract, prompts, collator), model
-(loading, 4-bit, LoRA), tiny + pretrain + easyvqa (the embedded default), memory (probes and
-planning), train, predict, evaluate, submission, submit, preflight, io (atomic artifacts).
+(loading, 4-bit, LoRA), tiny + pretrain + easyvqa (the embedded default), planning/ (the machine,
+the peak-VRAM model and the run plan every stage reads), preflight, train + trainer (the
+recipe and its training step), predict, evaluate, submission + submit + journal, speed (the
+exact speed levers), oom, distributed, io (atomic artifacts), realsize (benchmark models).
 """
 
 import os

@@ -17,7 +17,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from vqa.model import ModelError
     from vqa.predict import PredictOutOfMemory
     from vqa.submission import SubmissionError
-    from vqa.train import TrainingOutOfMemory
+    from vqa.trainer import TrainingOutOfMemory
 
     return (ConfigError, DataError, ModelError, PredictOutOfMemory, SubmissionError,
             TrainingOutOfMemory, FileNotFoundError)

@@ -15,9 +15,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
 
+from vqa.planning.hardware import parse_memory, target_card
+
 
 class ConfigError(ValueError):
     """A knob the user set is unknown or has a bad value."""
+
+
+# The reference LoRA targets. The vision tower's MLPs share the language model's names
+# (gate_proj, up_proj, down_proj), so the adapter lands there too.
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 @dataclass
@@ -32,7 +39,7 @@ class Config:
     lora_r: int = 32
     lora_alpha: int = 64
     lora_dropout: float = 0.08
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    lora_targets: str = DEFAULT_LORA_TARGETS
     epochs: int = 3
     lr: float = 2e-4
     weight_decay: float = 0.01
@@ -50,7 +57,8 @@ class Config:
     retrain: int = 0  # 1 = train again even when a finished run with these settings exists
     seed: int = 42
     quant: Literal["4bit", "none"] = "4bit"
-    max_sequence_length: int | None = None  # None = no limit; rows above a limit are refused
+    # None = no limit; training skips rows above a limit (listed), prediction answers them
+    max_sequence_length: int | None = None
     min_pixels: int | None = None  # None = the loaded processor's own value
     max_pixels: int | None = None
     # prediction
@@ -58,7 +66,7 @@ class Config:
     max_new_tokens: int = 16
     infer_mode: Literal["score", "generate"] = "score"
     # planning for a card other than the one at hand (preflight's peak-VRAM model)
-    target_gpu: str = ""  # a name from vqa/gpus.json, e.g. A10G, L4, T4, A100-40GB
+    target_gpu: str = ""  # a name from vqa/planning/gpus.json, e.g. A10G, L4, T4, A100-40GB
     target_gpu_memory: str = ""  # e.g. 24GiB; wins over TARGET_GPU
     # the embedded default
     data_train_rows: int = 3000  # 0 = all of easy-vqa's share for the demo
@@ -145,7 +153,7 @@ _POSITIVE = {"per_device_batch", "effective_batch_size", "lora_r", "lora_alpha",
              "pred_batch_size", "max_new_tokens", "val_sample", "max_sequence_length",
              "min_pixels", "max_pixels", "num_threads", "nproc",
              "base_pretrain_steps"}
-_FRACTIONS = {"lora_dropout", "warmup_ratio", "val_fraction"}
+_FRACTIONS = {"lora_dropout", "warmup_ratio"}
 
 
 def _check(config: Config) -> None:
@@ -157,6 +165,9 @@ def _check(config: Config) -> None:
         value = getattr(config, name)
         if not 0 <= value < 1:
             raise ConfigError(f"{knob_name(name)}={value}: must lie in [0, 1)")
+    if not 0 < config.val_fraction < 1:
+        raise ConfigError(f"VAL_FRACTION={config.val_fraction}: must lie in (0, 1): early "
+                          f"stopping and the best checkpoint are chosen on validation rows")
     for name in ("uncheckpointed_layers", "uncheckpointed_attention"):
         value = getattr(config, name)
         if value is not None and value < 0:
@@ -165,13 +176,10 @@ def _check(config: Config) -> None:
         raise ConfigError(f"DATALOADER_WORKERS={config.dataloader_workers}: must be 0 or more")
     if config.lr <= 0:
         raise ConfigError(f"LR={config.lr}: must be positive")
-    if config.target_gpu or config.target_gpu_memory:
-        from vqa.memory import target_card_memory  # vqa.memory imports this module
-
-        try:
-            target_card_memory(config)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+    try:
+        target_card(config.target_gpu, config.target_gpu_memory)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if config.min_pixels and config.max_pixels and config.min_pixels > config.max_pixels:
         raise ConfigError(f"MIN_PIXELS={config.min_pixels} exceeds MAX_PIXELS={config.max_pixels}")
     if config.per_device_batch and config.effective_batch_size % (config.per_device_batch
@@ -181,24 +189,75 @@ def _check(config: Config) -> None:
             f"PER_DEVICE_BATCH={config.per_device_batch} x NPROC={config.nproc}")
 
 
-def load_config(argv: list[str] | None = None, environ: dict | None = None) -> Config:
-    """The config from defaults, then the environment, then `KEY=value` arguments."""
+def _load(cls, knobs: dict[str, str], argv: list[str] | None, environ: dict | None,
+          others: frozenset[str]):
+    """`cls` from its defaults, then the environment, then `KEY=value` arguments; arguments
+    named in `others` belong to another settings class and are passed over."""
     environ = dict(os.environ if environ is None else environ)
     # An empty variable means unset: docker compose passes `${KNOB:-}` through as "".
-    overrides: dict[str, str] = {k: environ[k] for k in KNOBS if environ.get(k, "").strip()}
+    overrides: dict[str, str] = {k: environ[k] for k in knobs if environ.get(k, "").strip()}
     for arg in argv or []:
         if "=" not in arg:
             raise ConfigError(f"unexpected argument {arg!r}: settings are KEY=value")
         key, raw = arg.split("=", 1)
         key = key.strip().upper()
-        if key not in KNOBS:
-            near = difflib.get_close_matches(key, KNOBS, n=1)
+        if key in others:
+            continue
+        if key not in knobs:
+            near = difflib.get_close_matches(key, [*knobs, *others], n=1)
             hint = f" (did you mean {near[0]}?)" if near else ""
             raise ConfigError(f"unknown setting {key}{hint}; `make help` lists them")
         overrides[key] = raw
-    hints = get_type_hints(Config)
-    values = {KNOBS[k]: _parse_value(k, raw, hints[KNOBS[k]]) for k, raw in overrides.items()}
-    config = dataclasses.replace(Config(), **values)
+    hints = get_type_hints(cls)
+    values = {knobs[k]: _parse_value(k, raw, hints[knobs[k]]) for k, raw in overrides.items()}
+    return dataclasses.replace(cls(), **values)
+
+
+def load_config(argv: list[str] | None = None, environ: dict | None = None, *,
+                bench: bool = False) -> Config:
+    """The config from defaults, then the environment, then `KEY=value` arguments. `bench`:
+    a benchmark's command line, where the BENCH_* settings (BenchConfig) may appear too."""
+    config = _load(Config, KNOBS, argv, environ, frozenset(BENCH_KNOBS) if bench else frozenset())
     _check(config)
     return config
 
+
+@dataclass
+class BenchConfig:
+    """The benchmarks' own settings (`make bench`, `make bench-memory`, `make bench-gpus`), set
+    like the run's: environment or KEY=value. Empty = the benchmark's whole grid."""
+
+    bench_models: str = "7B,3B"  # real sizes to build, e.g. 7B or 3B,7B
+    bench_images: str = ""  # image settings by name, e.g. 448x448,1024x768
+    bench_work: str = ""  # bench: predict,train; bench-memory: train,score,generate
+    bench_batches: str = ""  # bench-memory's batches, e.g. "score=8,24 train=2,4"
+    bench_rows: int = 2048  # bench-memory: rows per image size
+    bench_train_steps: int | None = None  # bench: optimizer steps per training row (5)
+    bench_predict_rows: int | None = None  # bench: test rows per prediction row (768)
+    bench_profile: int = 0  # 1 = torch-profiler tables of one step of each of vqa's phases
+    bench_other_casts: int = 0  # bench: 1 = also train with the other FP32_CASTS choice
+    bench_uncheckpointed: str = ""  # bench-memory: e.g. 0,7,0+14 (layers kept + blocks)
+    bench_cap: str = ""  # emulate a card of this size, e.g. 24GiB (make bench CAP=24GiB)
+    bench_scratch: Path | None = None  # built models and synthetic data
+    bench_model: str = "Qwen/Qwen2.5-VL-3B-Instruct"  # bench-gpus
+    bench_train_rows: int = 256  # bench-gpus
+    bench_test_rows: int = 256  # bench-gpus
+
+    def listed(self, name: str, default: str) -> list[str]:
+        """A comma-separated setting as a list; `default` when it is empty."""
+        return [x.strip() for x in (getattr(self, name) or default).split(",") if x.strip()]
+
+
+BENCH_KNOBS = {knob_name(f.name): f.name for f in fields(BenchConfig)}
+
+
+def load_bench_config(argv: list[str] | None = None, environ: dict | None = None) -> BenchConfig:
+    """The benchmark settings; the run's own settings on the same command line are left to
+    load_config(..., bench=True)."""
+    bench = _load(BenchConfig, BENCH_KNOBS, argv, environ, frozenset(KNOBS))
+    if bench.bench_cap:
+        try:
+            parse_memory(bench.bench_cap)
+        except ValueError as exc:
+            raise ConfigError(str(exc).replace("TARGET_GPU_MEMORY", "BENCH_CAP")) from None
+    return bench

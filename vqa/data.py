@@ -7,6 +7,7 @@ is relative to DATA_DIR. An optional sample_submission.csv fixes the submission'
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,27 +187,39 @@ def blank_like(image: Image.Image) -> Image.Image:
     return Image.new("RGB", image.size, (255, 255, 255))
 
 
-def stratified_split(frame: pd.DataFrame, val_fraction: float, seed: int):
-    """90/10 (by default) split stratified by answer letter, reproducible for a seed."""
+def _stratified(frame: pd.DataFrame, seed: int, **size) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """scikit-learn's split of `frame` (`size`: its train_size or test_size), the answer letters
+    in the same proportions in both parts where every letter has rows enough, else at random;
+    reproducible for a seed."""
     from sklearn.model_selection import train_test_split
 
     counts = frame["answer"].value_counts()
-    stratify = frame["answer"] if counts.min() >= 2 else None
-    train, val = train_test_split(frame, test_size=val_fraction, random_state=seed,
-                                  stratify=stratify)
-    return train.reset_index(drop=True), val.reset_index(drop=True)
+    parts = {"train_size": size.get("train_size"), "test_size": size.get("test_size")}
+    smallest = min(math.ceil(v * len(frame)) if isinstance(v, float) else v
+                   for v in parts.values() if v is not None)
+    can_stratify = counts.min() >= 2 and min(smallest, len(frame) - smallest) >= len(counts)
+    kept, other = train_test_split(frame, random_state=seed, **size,
+                                   stratify=frame["answer"] if can_stratify else None)
+    return kept.reset_index(drop=True), other.reset_index(drop=True)
+
+
+def stratified_split(frame: pd.DataFrame, val_fraction: float, seed: int,
+                     path: Path | str = "train.csv"):
+    """(train, validation): VAL_FRACTION of the rows held out for validation, stratified by
+    answer letter, reproducible for a seed. DataError when `path` has too few rows to leave any
+    on either side."""
+    val = math.ceil(val_fraction * len(frame))
+    if not 1 <= val < len(frame):
+        raise DataError(f"{path}: {len(frame)} usable row(s) cannot be split into training and "
+                        f"validation (VAL_FRACTION={val_fraction}); at least 2 are needed")
+    return _stratified(frame, seed, test_size=val_fraction)
 
 
 def stratified_sample(frame: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
     """At most `rows` rows keeping the answer-letter proportions: the fixed validation sample."""
     if len(frame) <= rows:
         return frame.reset_index(drop=True)
-    from sklearn.model_selection import train_test_split
-
-    counts = frame["answer"].value_counts()
-    stratify = frame["answer"] if counts.min() >= 2 else None
-    sample, _ = train_test_split(frame, train_size=rows, random_state=seed, stratify=stratify)
-    return sample.reset_index(drop=True)
+    return _stratified(frame, seed, train_size=rows)[0]
 
 
 def prompt_text(row) -> str:

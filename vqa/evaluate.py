@@ -17,7 +17,7 @@ from vqa.data import LETTERS, read_table
 from vqa.io import save_figure_atomic, write_json_atomic
 from vqa.model import load_for_inference, load_processor
 from vqa.predict import accuracy, accuracy_by, predict_rows
-from vqa.preflight import plan_run
+from vqa.planning.runplan import stage_plan
 from vqa.train import split_rows
 
 log = logging.getLogger("vqa")
@@ -64,10 +64,10 @@ def test_rows_with_key(config: Config) -> list[dict] | None:
 def evaluate(config: Config) -> dict:
     adapter = config.artifacts_dir / "lora_adapter"
     processor = load_processor(config)
+    batch = stage_plan(config, "eval", processor).pred_batch_size  # before the model is loaded
+    _, val_rows, _ = split_rows(config, processor)
     model, source = load_for_inference(config, adapter, processor, mode="score")
     log.info("evaluating %s", source)
-    batch = plan_run(config, processor, predict_csv="train.csv").pred_batch_size
-    _, val_rows, _ = split_rows(config)
 
     def run(rows, blank=False, desc="eval"):
         return predict_rows(model, processor, rows, config.data_dir, batch_size=batch,

@@ -19,40 +19,52 @@ from pathlib import Path
 log = logging.getLogger("vqa")
 
 
+def _read(path: Path, signature: dict) -> tuple[dict[str, str], dict[str, str], int] | None:
+    """(answers, text-only notes, bytes of whole lines) of a journal of `signature`; None when
+    the file is missing or belongs to another signature. A line torn by a kill is left out."""
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    whole = data[:data.rfind(b"\n") + 1]
+    lines = whole.decode("utf-8").splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        return None
+    if header.get("signature") != signature:
+        return None
+    answers: dict[str, str] = {}
+    text_only: dict[str, str] = {}
+    for line in lines[1:]:
+        entry = json.loads(line)
+        answers[entry["id"]] = entry["answer"]
+        if "text_only" in entry:
+            text_only[entry["id"]] = entry["text_only"]
+    return answers, text_only, len(whole)
+
+
 class PredictionJournal:
     def __init__(self, path: Path, signature: dict):
         self.path = Path(path)
         self.signature = signature
-        self.text_only: dict[str, str] = {}  # id -> why the row was asked without its image
 
     def load(self) -> dict[str, str]:
-        """Answers already journalled for this signature; starts a new journal otherwise."""
-        if not self.path.is_file():
+        """Answers already journalled for this signature; a journal of another run is set aside
+        and a new one started; a line torn by a kill is cut off the file."""
+        found = _read(self.path, self.signature)
+        if found is None:
+            if self.path.is_file():
+                stale = self.path.with_suffix(self.path.suffix + ".stale")
+                os.replace(self.path, stale)
+                log.info("prediction journal %s belongs to another run: moved to %s", self.path,
+                         stale)
             self._start()
             return {}
-        data = self.path.read_bytes()
-        whole = data[:data.rfind(b"\n") + 1]  # drop a line torn by a kill
-        lines = whole.decode("utf-8").splitlines()
-        try:
-            header = json.loads(lines[0]) if lines else {}
-        except json.JSONDecodeError:
-            header = {}
-        if header.get("signature") != self.signature:
-            stale = self.path.with_suffix(self.path.suffix + ".stale")
-            os.replace(self.path, stale)
-            log.info("prediction journal %s belongs to another run: moved to %s", self.path, stale)
-            self._start()
-            return {}
-        if len(whole) != len(data):
+        answers, _, whole = found
+        if whole != self.path.stat().st_size:
             with open(self.path, "r+b") as handle:
-                handle.truncate(len(whole))
+                handle.truncate(whole)
                 os.fsync(handle.fileno())
-        answers = {}
-        for line in lines[1:]:
-            entry = json.loads(line)
-            answers[entry["id"]] = entry["answer"]
-            if "text_only" in entry:
-                self.text_only[entry["id"]] = entry["text_only"]
         return answers
 
     def append(self, answers: dict[str, str], text_only: dict[str, str] | None = None) -> None:
@@ -62,7 +74,6 @@ class PredictionJournal:
         text_only = text_only or {}
         entries = [{"id": i, "answer": a, **({"text_only": text_only[i]} if i in text_only else {})}
                    for i, a in answers.items()]
-        self.text_only.update({i: text_only[i] for i in answers if i in text_only})
         text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(text)
@@ -93,19 +104,8 @@ def read_all(main: Path, signature: dict) -> tuple[dict[str, str], dict[str, str
     answers: dict[str, str] = {}
     text_only: dict[str, str] = {}
     for path in [Path(main), *rank_journals(main)]:
-        if not path.is_file():
-            continue
-        data = path.read_bytes()
-        lines = data[:data.rfind(b"\n") + 1].decode("utf-8").splitlines()
-        try:
-            header = json.loads(lines[0]) if lines else {}
-        except json.JSONDecodeError:
-            continue
-        if header.get("signature") != signature:
-            continue
-        for line in lines[1:]:
-            entry = json.loads(line)
-            answers[entry["id"]] = entry["answer"]
-            if "text_only" in entry:
-                text_only[entry["id"]] = entry["text_only"]
+        found = _read(path, signature)
+        if found is not None:
+            answers.update(found[0])
+            text_only.update(found[1])
     return answers, text_only

@@ -9,6 +9,8 @@ import torch
 
 from vqa import distributed
 from vqa.config import Config
+from vqa.io import file_fingerprint
+from vqa.planning.shapes import cached_config
 from vqa.speed import (chunk_vision_tower, fuse_inference_linears, fuse_inference_mlps,
                        letters_only_head, use_grouped_vision_attention)
 
@@ -50,12 +52,12 @@ def _hub_unreachable(model_id: str) -> str | None:
         return None
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
         return None
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
+    try:
         snapshot_download(model_id, local_files_only=True)
         return None  # cached: from_pretrained needs no network
-    except Exception:  # noqa: BLE001 - not cached (or a partial cache): probe the network
+    except (OSError, ValueError):  # not cached (LocalEntryNotFoundError), or not a hub id
         pass
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
@@ -71,6 +73,22 @@ def _check_hub(model_id: str) -> None:
         raise ModelError(f"cannot load {model_id!r}: not in the local cache and {reason}; "
                          f"without network, download it elsewhere and set MODEL_ID to the "
                          f"mounted folder")
+
+
+# What a model folder's weights are stored in (one file, or shards beside an index).
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def model_fingerprint(model_id: str) -> dict:
+    """What identifies a base model's weights: in a local folder, the sha256 of every weight
+    file (shards and index included); for a hub id, the commit of the cached snapshot (None
+    until it is downloaded: the hub's files are stored by content, so the commit pins them)."""
+    folder = Path(model_id)
+    if folder.is_dir():
+        files = sorted({p for pattern in WEIGHT_FILES for p in folder.glob(pattern)})
+        return {"weights": {p.name: file_fingerprint(p) for p in files}}
+    cached = cached_config(model_id)
+    return {"hub_id": model_id, "commit": cached.parent.name if cached is not None else None}
 
 
 def load_processor(config: Config):

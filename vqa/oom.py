@@ -49,39 +49,60 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _image_rows(batch: dict, rows: int) -> list[int]:
+    """The row of each image in `pixel_values` / `image_grid_thw` order: at most one image a
+    row, and a row asked as text only (its image unreadable) has none."""
+    types = batch.get("mm_token_type_ids")
+    with_image = (list(range(rows)) if types is None
+                  else [r for r in range(rows) if bool(types[r].ne(0).any())])
+    if len(with_image) != len(batch["image_grid_thw"]):
+        raise ValueError(f"{len(batch['image_grid_thw'])} images for {len(with_image)} rows "
+                         f"with image tokens: one image per row expected")
+    return with_image
+
+
 def split_batch(batch: dict, sizes: list[int]) -> list[dict]:
     """Cuts a collated, left-padded batch into consecutive pieces of `sizes` rows.
 
-    Per-row tensors are cut along dim 0; `pixel_values` (all images' patches concatenated) by each
-    image's patch count from `image_grid_thw` (one image per row); lists by row. Columns that are
-    padding in every row of a piece are dropped, so a piece of short rows is short too.
+    Per-row tensors are cut along dim 0, the rope positions (3, rows, length) along dim 1;
+    `pixel_values` (all images' patches concatenated) by each image's patch count from
+    `image_grid_thw` (at most one image a row); lists by row. Columns that are padding in every
+    row of a piece are dropped, so a piece of short rows is short too.
     """
     rows = batch["input_ids"].shape[0]
     if sum(sizes) != rows or min(sizes) < 1:
         raise ValueError(f"cannot split {rows} rows into {sizes}")
-    patches = batch["image_grid_thw"].prod(-1).tolist() if "image_grid_thw" in batch else None
-    if patches is not None and len(patches) != rows:
-        raise ValueError(f"{len(patches)} images for {rows} rows: one image per row expected")
-    pieces, start, patch_start = [], 0, 0
+    has_images = batch.get("image_grid_thw") is not None
+    image_rows = _image_rows(batch, rows) if has_images else []
+    patches = batch["image_grid_thw"].prod(-1).tolist() if has_images else []
+    pieces, start = [], 0
     for size in sizes:
         stop = start + size
+        images = [i for i, r in enumerate(image_rows) if start <= r < stop]
         piece = {}
         for key, value in batch.items():
-            if key == "pixel_values":
-                n = sum(patches[start:stop])
-                piece[key] = value[patch_start:patch_start + n]
+            if key == "pixel_values" and has_images:
+                first = sum(patches[:images[0]]) if images else 0
+                piece[key] = value[first:first + sum(patches[i] for i in images)]
+            elif key == "image_grid_thw":
+                piece[key] = value[images[0]:images[-1] + 1] if images else None
+            elif key == "position_ids" and torch.is_tensor(value) and value.dim() == 3:
+                piece[key] = value[:, start:stop]
             elif torch.is_tensor(value) or isinstance(value, list):
                 piece[key] = value[start:stop]
             else:
                 piece[key] = value
-        if patches is not None:
-            patch_start += sum(patches[start:stop])
+        if piece.get("image_grid_thw") is None:  # text only: no vision inputs at all
+            piece.pop("image_grid_thw", None)
+            piece.pop("pixel_values", None)
         mask = piece.get("attention_mask")
         if mask is not None:
             first = int(mask.any(0).nonzero()[0])  # left padding: leading all-pad columns
             for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
                 if key in piece:
                     piece[key] = piece[key][:, first:]
+            if "position_ids" in piece and torch.is_tensor(piece["position_ids"]):
+                piece["position_ids"] = piece["position_ids"][..., first:]
         pieces.append(piece)
         start = stop
     return pieces

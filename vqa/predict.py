@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from vqa.data import LETTERS, VQACollator, letter_token_ids
-from vqa.oom import FaultInjector, free_memory
+from vqa.oom import FaultInjector, free_memory, split_batch
 from vqa.speed import RopeIndex, inner_model, letter_columns
 
 log = logging.getLogger("vqa")
@@ -117,9 +117,8 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
     letter_ids = letter_token_ids(processor.tokenizer)
     order = length_order(rows, processor)
 
-    def answer(chunk: list[dict], batch: dict | None = None) -> None:
+    def answer(chunk: list[dict], batch: dict) -> None:
         FAULTS.before_forward(len(chunk))
-        batch = batch if batch is not None else collate(chunk)
         if mode == "generate":
             texts = generate_batch(model, processor, batch, max_new_tokens)
             need_scores = []
@@ -141,9 +140,10 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
                 result.answers[row["id"]] = LETTERS[int(p.argmax())]
                 result.letter_probs[row["id"]] = [round(float(x), 5) for x in p]
 
-    def answer_with_backoff(chunk: list[dict], batch: dict | None = None) -> int:
-        """Answers `chunk` (`batch`: its collated form, when prepared); returns the largest batch
-        size that worked."""
+    def answer_with_backoff(chunk: list[dict], batch: dict) -> int:
+        """Answers `chunk` (`batch`: its collated form); returns the largest batch size that
+        worked. On out-of-memory the collated batch itself is halved: nothing is collated
+        again, so the preparing workers' work is never redone here."""
         try:
             answer(chunk, batch)
             return len(chunk)
@@ -158,7 +158,9 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
         result.oom_splits.append(len(chunk))
         log.warning("out of GPU memory at batch %d: retrying as %d + %d", len(chunk), half,
                     len(chunk) - half)
-        return min(answer_with_backoff(chunk[:half]), answer_with_backoff(chunk[half:]))
+        first, second = split_batch(batch, [half, len(chunk) - half])
+        return min(answer_with_backoff(chunk[:half], first),
+                   answer_with_backoff(chunk[half:], second))
 
     # The single-process plan: length-sorted rows cut into batches. With several ranks each
     # takes every world-th batch whole, so a row meets the same batch as in one process.
@@ -172,8 +174,12 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
             start = 0
             while start < len(batch):
                 chunk = batch[start:start + size]
-                whole = prepared if len(chunk) == len(batch) else None  # else re-collated
-                size = min(size, answer_with_backoff(chunk, whole))
+                if len(chunk) < len(batch) - start:  # after a split: cut off the next piece
+                    piece, prepared = split_batch(prepared, [len(chunk),
+                                                             len(batch) - start - len(chunk)])
+                else:
+                    piece = prepared
+                size = min(size, answer_with_backoff(chunk, piece))
                 if on_batch is not None:
                     ids = [row["id"] for row in chunk]
                     on_batch({i: result.answers[i] for i in ids},

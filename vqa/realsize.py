@@ -10,7 +10,6 @@ locally); its token ids sit inside the real vocabulary, whose full size the mode
 from __future__ import annotations
 
 import argparse
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,8 @@ import torch
 from PIL import Image
 
 from vqa import tiny
-from vqa.memory import published_architectures
+from vqa.config import BenchConfig
+from vqa.planning.shapes import published_architectures
 
 
 # A Korean question of typical length, and options like a competition's.
@@ -58,7 +58,14 @@ def real_size_config(model_name: str, tokenizer):
 
 
 def build_random_model(model_name: str, folder: Path, seed: int = 0) -> Path:
-    """Random-init `model_name` in bf16 on the GPU, saved with its processor into `folder`."""
+    """Random-init `model_name` in bf16 on the GPU, saved with its processor into `folder`; a
+    folder that already holds this build (the same name and seed) is kept as it is."""
+    import json
+
+    stamp = Path(folder) / "vqa_random_model.json"
+    built = {"model": model_name, "seed": seed}
+    if stamp.is_file() and json.loads(stamp.read_text()) == built:
+        return Path(folder)
     from transformers import (
         GenerationConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -86,6 +93,7 @@ def build_random_model(model_name: str, folder: Path, seed: int = 0) -> Path:
     folder = Path(folder)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    stamp.write_text(json.dumps(built))
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -93,11 +101,13 @@ def build_random_model(model_name: str, folder: Path, seed: int = 0) -> Path:
 
 
 def write_synthetic_data(folder: Path, train_rows: int, test_rows: int,
-                         size: tuple[int, int] = (448, 448), seed: int = 0,
-                         images: int | None = None) -> Path:
-    """train.csv/test.csv in the contract over random-noise images of `size` (width, height);
-    `images`: at most this many distinct image files, shared by the rows in turn (memory and
-    speed depend on the images' size, not on their pixels)."""
+                         size: tuple[int, int] | list[tuple[int, int]] = (448, 448),
+                         seed: int = 0, images: int | None = None) -> Path:
+    """train.csv/test.csv in the contract over random-noise images of `size` (width, height;
+    a list of sizes: image n has the (n mod len)th, a mixed set); `images`: at most this many
+    distinct image files, shared by the rows in turn (memory and speed depend on the images'
+    size, not on their pixels)."""
+    sizes = size if isinstance(size, list) else [size]
     rng = random.Random(seed)
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -106,7 +116,8 @@ def write_synthetic_data(folder: Path, train_rows: int, test_rows: int,
         index = n % images if images else n
         path = f"images/{index}.png"
         if index == n:
-            pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8,
+            width, height = sizes[index % len(sizes)]
+            pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8,
                                    generator=torch.Generator().manual_seed(seed + n)).numpy()
             Image.fromarray(pixels).save(folder / path)
         options = rng.sample(OPTIONS, 4)
@@ -121,36 +132,50 @@ def write_synthetic_data(folder: Path, train_rows: int, test_rows: int,
 
 @dataclass
 class BenchRun:
-    """What a GPU benchmark script starts from: its arguments, the device, where to write."""
+    """What a GPU benchmark script starts from: its flags and settings, the device, where to
+    write."""
 
     args: argparse.Namespace
+    settings: BenchConfig  # BENCH_* (vqa/config.py), from the environment or KEY=value
     cuda: bool
     out: Path  # ARTIFACTS_DIR/<name>
     scratch: Path  # BENCH_SCRATCH: models and synthetic data
-    cap_bytes: int | None  # --cap, parsed
+    cap_bytes: int | None  # BENCH_CAP (make bench CAP=24GiB), parsed
+
+
+# What the model's forward takes of a collated training batch (the collator adds row ids).
+MODEL_INPUTS = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw",
+                "mm_token_type_ids", "labels"}
 
 
 def bench_run(name: str, description: str, scratch: str, dry_run_help: str,
               parser: argparse.ArgumentParser | None = None) -> BenchRun | None:
-    """The shared command line of `make bench` and `make bench-memory`: --cap, --dry-run,
-    --model-dir (on top of `parser`'s own arguments, if given). Returns None after saying so on
-    a machine without CUDA (unless --dry-run); --dry-run without --model-dir exits."""
+    """The shared command line of `make bench` and `make bench-memory`: --dry-run and
+    --model-dir (on top of `parser`'s own flags), then settings as KEY=value (BENCH_* and the
+    run's own, e.g. ARTIFACTS_DIR), as every stage takes them. Returns None after saying so on
+    a machine without CUDA (unless --dry-run); --dry-run without --model-dir and a bad setting
+    exit with one line."""
     import sys
 
-    from vqa.memory import parse_memory
+    from vqa.config import ConfigError, load_bench_config, load_config
+    from vqa.planning.hardware import parse_memory
 
     parser = parser or argparse.ArgumentParser(description=description)
-    parser.add_argument("--cap", help="emulate a card of this size, e.g. 24GiB")
     parser.add_argument("--dry-run", action="store_true", help=dry_run_help)
     parser.add_argument("--model-dir", help="a local model instead of building real sizes")
-    args = parser.parse_args()
+    args, settings = parser.parse_known_args()
+    try:
+        config = load_config(settings, bench=True)
+        bench = load_bench_config(settings)
+    except ConfigError as exc:
+        sys.exit(f"{name}: error: {exc}")
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:
         print(f"{name}: no CUDA GPU here; this benchmark runs on a GPU machine only")
         return None
     if args.dry_run and not args.model_dir:
         sys.exit(f"{name}: --dry-run needs --model-dir")
-    out = Path(os.environ.get("ARTIFACTS_DIR", "artifacts")) / name
+    out = config.artifacts_dir / name
     out.mkdir(parents=True, exist_ok=True)
-    return BenchRun(args, cuda, out, Path(os.environ.get("BENCH_SCRATCH", scratch)),
-                    parse_memory(args.cap) if args.cap else None)
+    return BenchRun(args, bench, cuda, out, bench.bench_scratch or Path(scratch),
+                    parse_memory(bench.bench_cap) if bench.bench_cap else None)

@@ -12,7 +12,7 @@ from vqa.io import file_fingerprint, write_json_atomic
 from vqa.journal import PredictionJournal, journal_path, read_all
 from vqa.model import load_for_inference, load_processor
 from vqa.predict import predict_rows
-from vqa.preflight import plan_run
+from vqa.planning.runplan import stage_plan
 from vqa.submission import submission_order, write_submission
 
 log = logging.getLogger("vqa")
@@ -49,11 +49,15 @@ def submit(config: Config) -> dict:
     test = read_table(config.data_dir / "test.csv", with_answer=False)
     order = submission_order(test, config.data_dir)
     processor = load_processor(config)
+    # Planned before the model is loaded, and from the card's total memory, as preflight did:
+    # rank 0 makes it when it must, the others read what it saved.
+    plan = stage_plan(config, "submit", processor) if here.is_main else None
+    distributed.barrier()
+    batch = (plan or stage_plan(config, "submit", processor)).pred_batch_size
     model, source = load_for_inference(config, config.artifacts_dir / "lora_adapter",
                                        processor)
     log.info("predicting %d test rows with %s, INFER_MODE=%s, %d rank(s)", len(test), source,
              config.infer_mode, here.size)
-    batch = plan_run(config, processor, predict_csv="test.csv").pred_batch_size
     signature = run_signature(config)
     main_journal = config.artifacts_dir / "predictions.journal.jsonl"
     journal = PredictionJournal(journal_path(main_journal, here.rank), signature)
