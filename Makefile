@@ -16,6 +16,9 @@ TOOLS ?= .tools
 TOOLS_STAMP := $(TOOLS)/.installed-from-lock
 # Make forwards command-line settings to the scripts, which reject unknown ones.
 RUN = PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY) scripts/$(1).py $(2) $(MAKEOVERRIDES)
+# The benchmarks take the same settings plus BENCH_* (vqa/config.py); CAP=24GiB is BENCH_CAP.
+BENCH_RUN = PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY) scripts/$(1).py \
+	$(if $(CAP),BENCH_CAP=$(CAP)) $(filter-out CAP=%,$(MAKEOVERRIDES))
 
 # The embedded default trains a tiny model from scratch on CPU: it needs a larger learning rate
 # than the reference's 2e-4 for a 7B. A user's own setting still wins (it comes later).
@@ -35,6 +38,8 @@ help: ## list targets and settings
 	@echo "  SEED MIN_PIXELS MAX_PIXELS QUANT(4bit|none) INFER_MODE(score|generate) VAL_SAMPLE"
 	@echo "  UNCHECKPOINTED_LAYERS UNCHECKPOINTED_ATTENTION TARGET_GPU TARGET_GPU_MEMORY"
 	@echo "  DATA_TRAIN_ROWS DATA_TEST_ROWS BASE_PRETRAIN_STEPS NUM_THREADS ... (README: Settings)"
+	@echo "Benchmarks also take CAP=24GiB BENCH_MODELS BENCH_IMAGES BENCH_WORK BENCH_BATCHES ..."
+	@echo "  (vqa/config.py: BenchConfig)"
 
 # --no-deps: exactly the lock, nothing resolved on the side; pip check proves it is complete.
 $(STAMP): requirements.lock
@@ -82,13 +87,13 @@ demo: $(STAMP) ## the whole job on the embedded default: data model preflight tr
 	$(call RUN,submit)
 
 bench: $(STAMP) ## GPU only: vqa's train and predict vs the reference setup, 7B and 3B (CAP=24GiB)
-	PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY) scripts/bench.py $(if $(CAP),--cap $(CAP))
+	$(call BENCH_RUN,bench)
 
 bench-gpus: $(STAMP) ## GPU only: train and submit on 1 vs NPROC (default 2) GPUs, real-size model
-	PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY) scripts/bench_gpus.py
+	$(call BENCH_RUN,bench_gpus)
 
 bench-memory: $(STAMP) ## GPU only: predicted vs measured peak VRAM, 3B and 7B (CAP=24GiB emulates a card)
-	PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY) scripts/bench_memory.py $(if $(CAP),--cap $(CAP))
+	$(call BENCH_RUN,bench_memory)
 
 test: $(STAMP) $(TOOLS_STAMP) ## run the test suite (Docker file checks included)
 	PYTHONPATH=$(CURDIR) VQA_TOOLS=$(CURDIR)/$(TOOLS) $(PY) -m pytest -q tests

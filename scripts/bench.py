@@ -6,25 +6,30 @@ it builds a random-init real-size Qwen2.5-VL (vqa/realsize.py), loads it through
 4-bit `from_pretrained` path, and runs on the same synthetic rows (random-noise images, a
 Korean-length question, four options) at each image size of BENCH_IMAGES:
 
-  train    the reference setup: peft's prepare_model_for_kbit_training with its defaults (fp32
-           casts, reentrant checkpointing), LoRA r32 on q,k,v,o,gate,up,down, the vision tower's
-           stock attention, the model's own loss over full-vocabulary logits, micro-batch 2;
-           then vqa's own (vqa.model.attach_lora, vqa.speed's levers, the planner's micro-batch).
-           Both run BENCH_TRAIN_STEPS optimizer steps of EFFECTIVE_BATCH_SIZE rows on the same
-           rows in the same order (AdamW 2e-4, weight decay 0.01, max_grad_norm 0.3), so the
-           loss curves are comparable; speed is the median optimizer step after the first.
+  train    the reference setup: the HF Trainer with peft's prepare_model_for_kbit_training
+           defaults (fp32 casts, reentrant checkpointing), LoRA r32 on q,k,v,o,gate,up,down, the
+           vision tower's stock attention, the model's own loss over full-vocabulary logits,
+           micro-batch 2, batches prepared in the main process; then vqa's own: the Trainer
+           `make train` builds (vqa.train.build_trainer: its training step, its plan's
+           micro-batch and kept layers, its DataLoader workers). Both run BENCH_TRAIN_STEPS
+           optimizer steps of EFFECTIVE_BATCH_SIZE rows with the same arguments otherwise (AdamW
+           2e-4, weight decay 0.01, max_grad_norm 0.3, warmup 0.1, the same seed, so the same
+           rows in the same order), each from the same initial adapter; speed is the median
+           optimizer step after the first.
   levers   (first image size only) the reference's micro-step with one lever added at a time.
   predict  the reference: generate 16 new tokens at batch 6. Then (first image size) the CPU
-           side alone, and one lever at a time: one-pass scoring at the planner's
-           PRED_BATCH_SIZE, the grouped vision attention, the LoRA weights in bf16, batches
-           prepared by DataLoader workers (= `make submit`'s predict_rows). Then vqa at the largest batch the planner predicts
-           to stay within the reference's measured peak, and INFER_MODE=generate.
+           side alone, and one lever at a time. Then vqa's own: the model as `make submit`
+           loads it (vqa.model.load_for_inference, an untrained adapter) and its prediction
+           function (vqa.predict.predict_rows) at the plan's PRED_BATCH_SIZE; at the largest
+           batch the planner predicts to stay within the reference's measured peak; and
+           INFER_MODE=generate.
   train    also vqa at the largest micro-batch predicted within the reference's peak.
 
 Prints samples/s or s/item, peak reserved, ours/reference, and the distance to the arithmetic
-floor (FLOPs over the bf16 matrix rate measured at start). `--cap 24GiB` emulates a 24 GiB card
-(torch.cuda.set_per_process_memory_fraction) for every phase, and the planner plans for it.
-BENCH_PROFILE=1 adds torch-profiler tables of one step of each of vqa's phases.
+floor (FLOPs over the bf16 matrix rate measured at start). `make bench CAP=24GiB`
+(BENCH_CAP=24GiB) emulates a 24 GiB card (torch.cuda.set_per_process_memory_fraction) for every
+phase, and the planner plans for it. BENCH_PROFILE=1 adds torch-profiler tables of one step of
+each of vqa's phases. Settings are vqa/config.py's BenchConfig (environment or KEY=value).
 `--dry-run --model-dir DIR` runs every phase on CPU with a local (tiny) model, for the tests.
 Writes bench.json, bench.md and loss_curves.png to ARTIFACTS_DIR/bench/.
 """
@@ -32,7 +37,6 @@ Writes bench.json, bench.md and loss_curves.png to ARTIFACTS_DIR/bench/.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import time
@@ -42,27 +46,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 IMAGES = {"448x448": (448, 448), "1024x768": (1024, 768)}
-LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 REFERENCE_TRAIN_BATCH = 2
 REFERENCE_GENERATE_BATCH = 6
 SAME_MEMORY_BATCHES = (48, 32, 24, 16, 8, 4)  # tried largest first for the same-memory row
-MODEL_INPUTS = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw",
-                "mm_token_type_ids", "labels"}
 
 
 class Bench:
     """Settings, device and the results of one run."""
 
-    def __init__(self, cuda: bool, dry_run: bool, cap_bytes: int | None, out: Path):
+    def __init__(self, cuda: bool, dry_run: bool, cap_bytes: int | None, out: Path,
+                 scratch: Path, settings):
         self.cuda, self.dry_run, self.cap_bytes, self.out = cuda, dry_run, cap_bytes, out
+        self.scratch, self.settings = scratch, settings
         self.device = "cuda" if cuda else "cpu"
         self.results: list[dict] = []
         self.curves: dict[str, list[float]] = {}
-        self.train_steps = int(os.environ.get("BENCH_TRAIN_STEPS", "2" if dry_run else "5"))
+        self.train_steps = settings.bench_train_steps or (2 if dry_run else 5)
         # Enough rows that a scoring run is steady state (the preparing workers start, the
         # first batch is made while the GPU waits), as on a test set of thousands.
-        self.predict_rows = int(os.environ.get("BENCH_PREDICT_ROWS", "8" if dry_run else "768"))
-        self.profile = os.environ.get("BENCH_PROFILE", "0") == "1"
+        self.predict_rows = settings.bench_predict_rows or (8 if dry_run else 768)
+        self.profile = settings.bench_profile == 1
         self.matmul_tflops = measure_matmul_tflops() if cuda else None
 
     def sync(self):
@@ -72,6 +75,9 @@ class Bench:
             torch.cuda.synchronize()
 
     def reset_peak(self):
+        import gc
+
+        gc.collect()  # an earlier row's trainer (its optimizer states) must not count here
         if self.cuda:
             import torch
 
@@ -145,10 +151,19 @@ def load_base(config, for_training: bool, stock_vision: bool):
     return model
 
 
+def reference_lora(config):
+    """The reference's adapter: LoRA r32 on q,k,v,o,gate,up,down, peft's defaults."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=32, lora_alpha=64, lora_dropout=0.08,
+                      target_modules=config.lora_targets.split(","), bias="none",
+                      task_type="CAUSAL_LM")
+
+
 def reference_model(config):
     """The reference setup: peft's defaults around the same 4-bit base and LoRA."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     from vqa.model import uses_4bit
 
@@ -158,10 +173,8 @@ def reference_model(config):
     else:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
-    lora = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.08, target_modules=LORA_TARGETS.split(","),
-                      bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(config.seed)
-    return get_peft_model(model, lora)
+    return get_peft_model(model, reference_lora(config))
 
 
 def ours_model(config, fp32_casts: bool | None = None):
@@ -189,43 +202,79 @@ def model_loss(model, batch):
     return model(**batch).loss
 
 
-def train_curve(bench: Bench, model, loss_fn, collate, rows: list[dict], micro: int,
-                effective: int) -> dict:
-    """BENCH_TRAIN_STEPS optimizer steps of `effective` rows as micro-batches of `micro`:
-    the loss of each step and the median step time after the first."""
-    import torch
+class Adapter:
+    """The trainable weights as they were when first seen, put back before each timed row, so
+    every row trains from the same initial adapter."""
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01)
-    model.train()
-    losses, seconds = [], []
+    def __init__(self, model):
+        self.initial = {n: p.detach().clone() for n, p in model.named_parameters()
+                        if p.requires_grad}
+
+    def restore(self, model) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in self.initial:
+                    param.copy_(self.initial[name])
+        model.zero_grad(set_to_none=True)
+
+
+def trained(bench: Bench, trainer, effective: int) -> dict:
+    """`trainer.train()` for its max_steps: the loss of each optimizer step, the median step
+    after the first, the peak reserved."""
+    from vqa.trainer import step_seconds
+
     bench.reset_peak()
-    for step in range(bench.train_steps):
-        started = time.perf_counter()
-        chunk = rows[step * effective:(step + 1) * effective]
-        total = 0.0
-        pieces = [chunk[i:i + micro] for i in range(0, len(chunk), micro)]
-        for piece in pieces:
-            batch = {k: v.to(bench.device) for k, v in collate(piece).items() if k in MODEL_INPUTS}
-            with torch.autocast(bench.device, dtype=torch.bfloat16, enabled=bench.cuda):
-                loss = loss_fn(model, batch) / len(pieces)
-            loss.backward()
-            total += float(loss)
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bench.sync()
-        seconds.append(time.perf_counter() - started)
-        losses.append(round(total, 4))
+    trainer.train()
+    bench.sync()
+    losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
+    seconds = step_seconds(trainer)
     steady = statistics.median(seconds[1:] or seconds)
     return {"losses": losses, "step_s": round(steady, 3),
             "samples_per_s": round(effective / steady, 3), "peak_reserved_gib": bench.peak_gib()}
+
+
+def reference_trainer(bench: Bench, case, model):
+    """The reference's training: the HF Trainer with the recipe's arguments, the model's own
+    loss, micro-batch 2, every batch prepared in the main process."""
+    from transformers import Trainer
+
+    from vqa.planning.planner import gradient_accumulation
+    from vqa.realsize import MODEL_INPUTS
+    from vqa.train import RowDataset, training_arguments
+    from vqa.trainer import step_timer
+
+    effective = case.config.effective_batch_size
+    accumulation = gradient_accumulation(effective, REFERENCE_TRAIN_BATCH, 1)
+    args = training_arguments(case.config, REFERENCE_TRAIN_BATCH, accumulation,
+                              len(case.train) // effective, bench.scratch / "trainer",
+                              max_steps=bench.train_steps)
+    args.dataloader_num_workers = 0  # the Trainer's default
+
+    def collate(rows):
+        return {k: v for k, v in case.train_collate(rows).items() if k in MODEL_INPUTS}
+
+    return Trainer(model=model, args=args, train_dataset=RowDataset(case.train),
+                   data_collator=collate, callbacks=[step_timer()])
+
+
+def product_trainer(bench: Bench, case, model, plan):
+    """`make train`'s own Trainer (vqa.train.build_trainer) with `plan`, for bench.train_steps."""
+    from vqa.model import keep_layer_activations
+    from vqa.train import build_trainer
+
+    keep_layer_activations(model, plan.uncheckpointed_layers, plan.uncheckpointed_attention)
+    return build_trainer(case.config, plan, model, case.processor, case.train, [],
+                         bench.scratch / "trainer", max_steps=bench.train_steps)
 
 
 def micro_steps(bench: Bench, model, loss_fn, collate, rows: list[dict], micro: int,
                 repeats: int = 3) -> dict:
     """Median time of a forward+backward of one micro-batch (no optimizer step): for levers."""
     import torch
+
+    from vqa.realsize import MODEL_INPUTS
 
     model.train()
     batch = {k: v.to(bench.device) for k, v in collate(rows[:micro]).items() if k in MODEL_INPUTS}
@@ -271,7 +320,8 @@ def attempt(bench: Bench, fn) -> dict:
 
 
 class Case:
-    """One image size: its data, rows, the product's config and the planner's batches."""
+    """One image size: its data, rows, the product's config and the plan make train and make
+    submit would run with (vqa.planning.runplan.make_run_plan)."""
 
     def __init__(self, name, config, arch, data, train, test, plan, processor):
         from vqa.data import VQACollator
@@ -295,10 +345,20 @@ def train_row(bench: Bench, case: Case, setup: str, micro: int, result: dict, **
                         visual_tokens=case.visual, x_floor=distance, **result, **extra)
 
 
+def _speedup(row: dict | None, reference: dict, key: str = "samples_per_s") -> None:
+    if row and row.get(key) and reference.get(key):
+        ratio = (row[key] / reference[key] if key == "samples_per_s"
+                 else reference[key] / row[key])
+        row["speedup"] = round(ratio, 2)
+
+
 def bench_train(bench: Bench, cases: list[Case]) -> None:
+    import dataclasses
+
     import torch
 
     from vqa.model import keep_layer_activations
+    from vqa.planning.planner import gradient_accumulation
     from vqa.speed import answer_loss, use_grouped_vision_attention
 
     first = cases[0]
@@ -306,10 +366,11 @@ def bench_train(bench: Bench, cases: list[Case]) -> None:
     references = {}
     bench.allocator(expandable=False)  # the reference runs with PyTorch's default allocator
     model = reference_model(first.config)
+    start = Adapter(model)
     for case in cases:
+        start.restore(model)
         references[case.name] = train_row(bench, case, "reference", REFERENCE_TRAIN_BATCH, attempt(
-            bench, lambda: train_curve(bench, model, model_loss, case.train_collate, case.train,
-                                       REFERENCE_TRAIN_BATCH, effective)))
+            bench, lambda: trained(bench, reference_trainer(bench, case, model), effective)))
         bench.curves[f"{case.arch.name.split('/')[-1]} {case.name} reference"] = \
             references[case.name].get("losses", [])
     # One lever at a time on the reference's model and micro-batch, first image size.
@@ -335,55 +396,59 @@ def bench_train(bench: Bench, cases: list[Case]) -> None:
           case.plan.per_device_batch)
     bench.allocator(expandable=True)  # vqa's setting (vqa/__init__.py)
     lever("+ expandable allocator segments", answer_loss, case.plan.per_device_batch)
-    del model, base
+    del model, base, start
     free(bench)
 
     model = ours_model(first.config)
+    start = Adapter(model)
     for case in cases:
-        micro = case.plan.per_device_batch
-        keep_layer_activations(model, case.plan.uncheckpointed_layers,  # as make train plans
-                               case.plan.uncheckpointed_attention)
-        ours = train_row(bench, case, "vqa (make train)", micro, attempt(
-            bench, lambda: train_curve(bench, model, answer_loss, case.train_collate, case.train,
-                                       micro, effective)))
-        keep_layer_activations(model, 0)
+        plan = case.plan
+        start.restore(model)
+        ours = train_row(bench, case, "vqa (make train)", plan.per_device_batch, attempt(
+            bench, lambda: trained(bench, product_trainer(bench, case, model, plan),
+                                   effective)),
+            uncheckpointed_layers=plan.uncheckpointed_layers,
+            uncheckpointed_attention=plan.uncheckpointed_attention)
         reference = references[case.name]
-        if ours.get("samples_per_s") and reference.get("samples_per_s"):
-            ours["speedup"] = round(ours["samples_per_s"] / reference["samples_per_s"], 2)
+        _speedup(ours, reference)
         bench.curves[f"{case.arch.name.split('/')[-1]} {case.name} vqa"] = ours.get("losses", [])
         # The fastest micro-batch within the reference's peak: from the largest down, the first
-        # whose measured peak stays at or below it (speed only: the model has trained on these
-        # rows already).
+        # whose measured peak stays at or below it, every layer checkpointed, from the same
+        # initial adapter as every other row.
         limit = reference.get("peak_reserved_gib")
         if limit and (ours.get("peak_reserved_gib") or limit + 1) <= limit:
             limit = None  # vqa's own run is within it already
-        for candidate in [b for b in (8, 4, 2, 1) if b < micro] if limit else []:
+        for candidate in [b for b in (8, 4, 2, 1) if b < plan.per_device_batch] if limit else []:
+            smaller = dataclasses.replace(
+                plan, per_device_batch=candidate, uncheckpointed_layers=0,
+                uncheckpointed_attention=0,
+                gradient_accumulation=gradient_accumulation(effective, candidate, 1))
+            start.restore(model)
             same = train_row(bench, case, "vqa, largest micro-batch within the reference's "
-                             "peak memory", candidate, attempt(bench, lambda: train_curve(
-                                 bench, model, answer_loss, case.train_collate, case.train,
-                                 candidate, effective)))  # noqa: B023 - called at once
+                             "peak memory", candidate, attempt(bench, lambda: trained(
+                                 bench, product_trainer(bench, case, model, smaller),
+                                 effective)))  # noqa: B023 - called at once
             if same.get("peak_reserved_gib") and same["peak_reserved_gib"] <= limit:
-                if same.get("samples_per_s") and reference.get("samples_per_s"):
-                    same["speedup"] = round(same["samples_per_s"] / reference["samples_per_s"],
-                                            2)
+                _speedup(same, reference)
                 break
         print(f"train {case.arch.name} {case.name}: vqa {ours.get('samples_per_s')} vs "
               f"reference {reference.get('samples_per_s')} samples/s", flush=True)
+    keep_layer_activations(model, 0)
     if bench.profile:
         profile(bench, "train", lambda: micro_steps(
             bench, model, answer_loss, first.train_collate, first.train,
             first.plan.per_device_batch, repeats=1))
     del model
     free(bench)
-    if os.environ.get("BENCH_OTHER_CASTS") == "1" and bench.cuda:
+    if bench.settings.bench_other_casts == 1 and bench.cuda:
         # The other choice of vqa.model.FP32_CASTS, same rows: its speed and loss curve.
         from vqa.model import FP32_CASTS
 
         model = ours_model(first.config, fp32_casts=not FP32_CASTS)
-        micro = first.plan.per_device_batch
-        other = train_row(bench, first, f"vqa with FP32_CASTS={not FP32_CASTS}", micro, attempt(
-            bench, lambda: train_curve(bench, model, answer_loss, first.train_collate,
-                                       first.train, micro, effective)))
+        other = train_row(bench, first, f"vqa with FP32_CASTS={not FP32_CASTS}",
+                          first.plan.per_device_batch, attempt(bench, lambda: trained(
+                              bench, product_trainer(bench, first, model, first.plan),
+                              effective)))
         bench.curves[f"{first.arch.name.split('/')[-1]} {first.name} vqa, FP32_CASTS="
                      f"{not FP32_CASTS}"] = other.get("losses", [])
         del model
@@ -440,22 +505,23 @@ def predict_row(bench: Bench, case: Case, setup: str, batch: int, result: dict) 
 
 
 def bench_predict(bench: Bench, cases: list[Case]) -> None:
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     from vqa import predict
     from vqa.data import letter_token_ids
-    from vqa.model import adapter_in_compute_dtype
+    from vqa.model import adapter_in_compute_dtype, load_for_inference, prepare_for_inference
     from vqa.predict import predict_rows
     from vqa.speed import (chunk_vision_tower, fuse_inference_linears, fuse_inference_mlps,
                            letters_only_head, use_grouped_vision_attention)
 
     # An untrained adapter on the base, as `make submit` loads a trained one (unmerged).
     bench.allocator(expandable=False)  # the reference runs with PyTorch's default allocator
-    base = load_base(cases[0].config, for_training=False, stock_vision=True)
-    reference = get_peft_model(base, LoraConfig(r=32, lora_alpha=64,
-                                                target_modules=LORA_TARGETS.split(","),
-                                                task_type="CAUSAL_LM"))
+    first = cases[0]
+    base = load_base(first.config, for_training=False, stock_vision=True)
+    reference = get_peft_model(base, reference_lora(first.config))
     reference.eval()  # peft's default: the adapter in fp32
+    adapter = bench.scratch / "untrained-adapter"
+    reference.save_pretrained(adapter)  # what vqa's rows load, as make submit loads its own
     model = reference
 
     def generate(case, subset):
@@ -481,7 +547,7 @@ def bench_predict(bench: Bench, cases: list[Case]) -> None:
             bench, case, "reference: generate, stock vision attention", REFERENCE_GENERATE_BATCH,
             timed_predict(bench, generate(case, rows), len(rows)))
     # The levers one by one, first image size, at the planner's batch.
-    first, batch = cases[0], cases[0].plan.pred_batch_size
+    batch = first.plan.pred_batch_size
     bench.allocator(expandable=True)  # vqa's setting (vqa/__init__.py)
     predict_row(bench, first, "preparation alone (images + processor, one process)", batch,
                 timed_preparation(first, batch))
@@ -497,15 +563,20 @@ def bench_predict(bench: Bench, cases: list[Case]) -> None:
     lever_row(first, "+ LoRA merged on the fly, MLPs in chunks of tokens", batch)
     predict.ROPE_ON_CPU = True
     lever_row(first, "+ rope positions with the batch on the CPU", batch)
-    generated = {}
-    for case in cases:  # the whole lm_head is still there
-        generated[case.name] = predict_row(
-            bench, case, "vqa: INFER_MODE=generate", REFERENCE_GENERATE_BATCH,
-            timed_predict(bench, ours(case, "generate", REFERENCE_GENERATE_BATCH,
-                                      case.test[:few]), few))
     letters_only_head(model, letter_token_ids(first.processor.tokenizer))
     free(bench)
     lever_row(first, "+ output layer cut to the four letters", batch)
+    model = reference = base = None  # the closures above read `model`: rebound below
+    free(bench)
+
+    # vqa's own rows: the model as make submit loads it, for generate (the whole lm_head), then
+    # prepared for scoring as make submit prepares it; predict_rows at the plan's batch.
+    model, _ = load_for_inference(first.config, adapter, first.processor, mode="generate")
+    generated = {case.name: predict_row(
+        bench, case, "vqa: INFER_MODE=generate", REFERENCE_GENERATE_BATCH,
+        timed_predict(bench, ours(case, "generate", REFERENCE_GENERATE_BATCH, case.test[:few]),
+                      few)) for case in cases}
+    prepare_for_inference(model, first.processor, "score")
     for case in cases:
         reference, batch = references[case.name], case.plan.pred_batch_size
         workers = case.config.loader_workers(bench.cuda)
@@ -527,17 +598,15 @@ def bench_predict(bench: Bench, cases: list[Case]) -> None:
                 same_memory = row
                 break
         for result in (mine, same_memory, generated[case.name]):
-            if result and result.get("s_per_item") and reference.get("s_per_item"):
-                result["speedup"] = round(reference["s_per_item"] / result["s_per_item"], 2)
+            _speedup(result, reference, "s_per_item")
         print(f"predict {case.arch.name} {case.name}: vqa {mine.get('s_per_item')} vs reference "
               f"{reference.get('s_per_item')} s/item; within the reference's memory "
               f"{same_memory and same_memory.get('speedup')}x", flush=True)
     if bench.profile:
-        case = cases[0]
         profile(bench, "score", lambda: predict_rows(
-            model, case.processor, case.test[:case.plan.pred_batch_size], case.data,
-            batch_size=case.plan.pred_batch_size, mode="score"))
-    del model, base
+            model, first.processor, first.test[:first.plan.pred_batch_size], first.data,
+            batch_size=first.plan.pred_batch_size, mode="score"))
+    model = None
     free(bench)
     bench.write()
 
@@ -548,14 +617,15 @@ def bench_predict(bench: Bench, cases: list[Case]) -> None:
 def bench_model(bench: Bench, model_dir: Path, scratch: Path) -> None:
     from vqa.config import load_config
     from vqa.data import read_table
-    from vqa.memory import GIB, architecture_for
     from vqa.model import load_processor
-    from vqa.preflight import plan_run
+    from vqa.planning.hardware import GIB
+    from vqa.planning.runplan import make_run_plan
+    from vqa.planning.shapes import architecture_for
     from vqa.realsize import write_synthetic_data
 
     cases = []
     default_images = "448x448" if bench.dry_run else ",".join(IMAGES)
-    for size_name in os.environ.get("BENCH_IMAGES", default_images).split(","):
+    for size_name in bench.settings.listed("bench_images", default_images):
         data = scratch / f"data-{size_name}"
         if not (data / "train.csv").is_file():
             write_synthetic_data(data, 16 * bench.train_steps, bench.predict_rows,
@@ -567,16 +637,18 @@ def bench_model(bench: Bench, model_dir: Path, scratch: Path) -> None:
         if bench.cap_bytes:
             settings.append(f"TARGET_GPU_MEMORY={bench.cap_bytes / GIB:.2f}GiB")
         config = load_config(settings, environ={})
-        arch, _ = architecture_for(config)
+        arch, _ = architecture_for(config.resolved_model_id)
         processor = load_processor(config)
-        plan = plan_run(config, processor, train_csv=True, predict_csv="test.csv")
+        plan = make_run_plan(config, processor=processor).plan
         print(f"{arch.name} {size_name}: planner's PER_DEVICE_BATCH={plan.per_device_batch} "
-              f"PRED_BATCH_SIZE={plan.pred_batch_size} ({plan.verdict})", flush=True)
+              f"UNCHECKPOINTED_LAYERS={plan.uncheckpointed_layers} UNCHECKPOINTED_ATTENTION="
+              f"{plan.uncheckpointed_attention} PRED_BATCH_SIZE={plan.pred_batch_size} "
+              f"({plan.verdict})", flush=True)
         cases.append(Case(size_name, config, arch, data,
                           read_table(data / "train.csv", with_answer=True).to_dict("records"),
                           read_table(data / "test.csv", with_answer=False).to_dict("records"),
                           plan, processor))
-    works = os.environ.get("BENCH_WORK", "predict,train").split(",")
+    works = bench.settings.listed("bench_work", "predict,train")
     if "predict" in works:
         bench_predict(bench, cases)
     if "train" in works:
@@ -635,10 +707,11 @@ def main() -> int:
     if cap_bytes and cuda:
         torch.cuda.set_per_process_memory_fraction(
             cap_bytes / torch.cuda.get_device_properties(0).total_memory)
-    bench = Bench(cuda, args.dry_run, cap_bytes, out)
+    bench = Bench(cuda, args.dry_run, cap_bytes, out, scratch, run.settings)
     device = torch.cuda.get_device_name(0) if cuda else "CPU (dry run: no speed claims)"
-    header = (f"# make bench: {device}, {time.strftime('%Y-%m-%d')}, cap {args.cap or 'none'}, "
-              f"bf16 matmul {bench.matmul_tflops or '-'} TFLOP/s")
+    header = (f"# make bench: {device}, {time.strftime('%Y-%m-%d')}, cap "
+              f"{run.settings.bench_cap or 'none'}, bf16 matmul {bench.matmul_tflops or '-'} "
+              f"TFLOP/s")
 
     def write():
         (out / "bench.json").write_text(json.dumps(
@@ -648,14 +721,14 @@ def main() -> int:
             plot_curves(bench.curves, out / "loss_curves.png")
 
     bench.write = write
-    names = os.environ.get("BENCH_MODELS", "7B,3B").split(",")
+    names = run.settings.listed("bench_models", "7B,3B")
     for name in ([args.model_dir] if args.model_dir else names):
         started = time.perf_counter()
         if args.model_dir:
             model_dir = Path(args.model_dir)
         else:
-            model_dir = build_random_model(f"Qwen/Qwen2.5-VL-{name.strip()}-Instruct",
-                                           scratch / f"model-{name.strip()}")
+            model_dir = build_random_model(f"Qwen/Qwen2.5-VL-{name}-Instruct",
+                                           scratch / f"model-{name}")
         print(f"model {model_dir}: built in {time.perf_counter() - started:.0f} s", flush=True)
         bench_model(bench, model_dir, scratch / Path(str(model_dir)).name)
     write()

@@ -10,7 +10,6 @@ Prints a Markdown table and writes bench_gpus.json to ARTIFACTS_DIR. GPU only.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -39,18 +38,23 @@ def main() -> int:
         print("bench-gpus: no CUDA GPU here; this benchmark runs on a GPU machine only")
         return 0
     sys.path.insert(0, str(ROOT))
+    from vqa.config import ConfigError, load_bench_config, load_config
     from vqa.realsize import build_random_model, write_synthetic_data
 
+    try:
+        config = load_config(sys.argv[1:], bench=True)
+        bench = load_bench_config(sys.argv[1:])
+    except ConfigError as exc:
+        sys.exit(f"bench-gpus: error: {exc}")
     gpus = torch.cuda.device_count()
-    nproc = int(os.environ.get("NPROC", "2"))
+    nproc = max(2, config.nproc)  # NPROC=4 compares 1 with 4 GPUs
     if nproc > gpus:
         sys.exit(f"bench-gpus: NPROC={nproc} but only {gpus} GPU(s) here")
-    model_name = os.environ.get("BENCH_MODEL", "Qwen/Qwen2.5-VL-3B-Instruct")
-    out = Path(os.environ.get("ARTIFACTS_DIR", "artifacts")) / "bench-gpus"
+    model_name = bench.bench_model
+    out = config.artifacts_dir / "bench-gpus"
     out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(os.environ.get("BENCH_SCRATCH", "/tmp/vqa-bench"))
-    train_rows = int(os.environ.get("BENCH_TRAIN_ROWS", "256"))
-    test_rows = int(os.environ.get("BENCH_TEST_ROWS", "256"))
+    scratch = bench.bench_scratch or Path("/tmp/vqa-bench")
+    train_rows, test_rows = bench.bench_train_rows, bench.bench_test_rows
 
     started = time.perf_counter()
     model_dir = build_random_model(model_name, scratch / "model")

@@ -6,7 +6,6 @@ on the tiny model (CPU)."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -203,56 +202,6 @@ def test_image_groups_keep_whole_images_under_the_limit():
     assert image_groups([5, 5, 5, 20, 3, 3], 10) == [(0, 2), (2, 3), (3, 4), (4, 6)]
     assert image_groups([], 10) == []
     assert image_groups([4], 10) == [(0, 1)]
-
-
-def test_bench_runs_every_phase_on_cpu(tiny_model_dir, tmp_path):
-    """`make bench` on CPU: reference and vqa's train and predict, the levers, the profile."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "ARTIFACTS_DIR": str(tmp_path / "out"),
-           "BENCH_SCRATCH": str(tmp_path / "scratch"), "BENCH_PROFILE": "1"}
-    done = subprocess.run([sys.executable, "scripts/bench.py", "--dry-run", "--model-dir",
-                           str(tiny_model_dir)], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = tmp_path / "out" / "bench"
-    report = json.loads((out / "bench.json").read_text())
-    setups = {(r["work"], r["setup"]) for r in report["results"]}
-    assert {("train", "reference"), ("train", "vqa (make train)"),
-            ("predict", "reference: generate, stock vision attention"),
-            ("predict", "vqa: score (make submit)"), ("predict", "vqa: INFER_MODE=generate"),
-            ("predict", "+ grouped vision attention"), ("predict", "+ LoRA weights in bf16"),
-            ("predict", "+ LoRA merged on the fly, MLPs in chunks of tokens"),
-            ("predict", "+ output layer cut to the four letters"),
-            ("train", "+ expandable allocator segments"),
-            ("predict", "preparation alone (images + processor, one process)"),
-            ("train", "+ grouped vision attention"),
-            ("train", "+ loss at the labelled positions")} <= setups
-    assert not any(r.get("oom") for r in report["results"])
-    curves = report["curves"]
-    assert len(curves) == 2 and all(len(c) == 2 for c in curves.values())  # 2 steps each
-    assert all(r["speedup"] > 0 for r in report["results"] if r.get("speedup"))
-    assert (out / "loss_curves.png").stat().st_size > 1000
-    assert "aten::" in (out / "profile_train.txt").read_text()
-    assert "| vqa (make train) |" in (out / "bench.md").read_text()
-
-
-def test_bench_says_so_without_a_gpu(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is here: the benchmark would run")
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "scripts/bench.py"], cwd=root, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
-    assert done.returncode == 0
-    assert done.stdout.strip() == "bench: no CUDA GPU here; this benchmark runs on a GPU machine only"
 
 
 def test_linear_patch_embedding_equals_the_conv(model_and_batch):
