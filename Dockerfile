@@ -3,7 +3,7 @@
 FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04
 
 LABEL org.opencontainers.image.title="vqa" \
-      org.opencontainers.image.description="Qwen2.5-VL 4-bit QLoRA fine-tuning and prediction for multiple-choice VQA" \
+      org.opencontainers.image.description="Qwen VL 4-bit QLoRA fine-tuning and prediction for multiple-choice VQA" \
       org.opencontainers.image.licenses="MIT"
 
 ENV DEBIAN_FRONTEND=noninteractive \

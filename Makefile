@@ -1,4 +1,4 @@
-# vqa: Qwen2.5-VL QLoRA fine-tuning and prediction for multiple-choice VQA.
+# vqa: Qwen VL (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) QLoRA fine-tuning and prediction for multiple-choice VQA.
 # Every stage target runs scripts/<verb>.py. Settings are environment variables or Make
 # arguments (`make train LORA_R=16` and `LORA_R=16 make train` both work); the scripts resolve,
 # check, print and save them (ARTIFACTS_DIR/config.json). `make help` lists targets and settings.
@@ -27,7 +27,7 @@ DEMO_SETTINGS ?= LR=2e-3
 .PHONY: help setup tools data model preflight train eval submit demo bench bench-gpus bench-memory test lock clean
 
 help: ## list targets and settings
-	@echo "vqa: fine-tune Qwen2.5-VL with 4-bit QLoRA on multiple-choice VQA and predict test.csv"
+	@echo "vqa: fine-tune Qwen VL models with 4-bit QLoRA on multiple-choice VQA and predict test.csv"
 	@echo
 	@echo "Targets:"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1|\2/' | column -t -s '|'

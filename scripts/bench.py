@@ -696,7 +696,7 @@ def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
 def main() -> int:
     import torch
 
-    from vqa.realsize import bench_run, build_random_model
+    from vqa.realsize import bench_model_id, bench_run, build_random_model
 
     run = bench_run("bench", __doc__.splitlines()[0], "/tmp/vqa-bench",
                     "CPU, tiny model, no timing claims")
@@ -727,8 +727,8 @@ def main() -> int:
         if args.model_dir:
             model_dir = Path(args.model_dir)
         else:
-            model_dir = build_random_model(f"Qwen/Qwen2.5-VL-{name}-Instruct",
-                                           scratch / f"model-{name}")
+            model_dir = build_random_model(bench_model_id(name),
+                                           scratch / f"model-{name.replace('/', '--')}")
         print(f"model {model_dir}: built in {time.perf_counter() - started:.0f} s", flush=True)
         bench_model(bench, model_dir, scratch / Path(str(model_dir)).name)
     write()

@@ -400,7 +400,7 @@ def wanted_phases(settings) -> tuple[str, ...]:
                  if work & set(works(settings)))
 
 
-def phases_in_fresh_processes(settings, model_dir: Path, work: Path) -> list[dict]:
+def phases_in_fresh_processes(settings, name: str, work: Path) -> list[dict]:
     """Training, then prediction, each in a process of its own, as `make train` and
     `make submit` run: memory an earlier phase (or model) left in the caching allocator would
     otherwise set a floor under every later peak."""
@@ -409,7 +409,7 @@ def phases_in_fresh_processes(settings, model_dir: Path, work: Path) -> list[dic
     rows = []
     for phase in wanted_phases(settings):
         command = [sys.executable, __file__, "--phase", phase, *sys.argv[1:]]
-        env = {**os.environ, "BENCH_MODELS": model_dir.name.removeprefix("model-")}
+        env = {**os.environ, "BENCH_MODELS": name}
         command = [a for a in command if not a.startswith("BENCH_MODELS=")]
         subprocess.run(command, env=env, check=True)
         rows += json.loads((work / f"rows-{phase}.json").read_text())
@@ -449,7 +449,7 @@ def markdown(results: list[dict], header: str) -> str:
 def main() -> int:
     import torch
 
-    from vqa.realsize import bench_run, build_random_model
+    from vqa.realsize import bench_model_id, bench_run, build_random_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", choices=["train", "predict"], help=argparse.SUPPRESS)
@@ -464,17 +464,17 @@ def main() -> int:
         if args.model_dir:
             model_dir = Path(args.model_dir)
         elif args.phase:  # a child: the parent built it
-            model_dir = scratch / f"model-{name}"
+            model_dir = scratch / f"model-{name.replace('/', '--')}"
         else:
-            model_dir = build_random_model(f"Qwen/Qwen2.5-VL-{name}-Instruct",
-                                           scratch / f"model-{name}")
+            model_dir = build_random_model(bench_model_id(name),
+                                           scratch / f"model-{name.replace('/', '--')}")
         work = scratch / Path(str(model_dir)).name
         if args.phase:  # a child: one phase, its rows to a file for the parent
             rows = bench_model(settings, model_dir, work, cap_bytes, cuda, phases=(args.phase,))
             (work / f"rows-{args.phase}.json").write_text(json.dumps(rows))
             return 0
         if cuda:
-            results += phases_in_fresh_processes(settings, model_dir, work)
+            results += phases_in_fresh_processes(settings, name, work)
         else:
             results += bench_model(settings, model_dir, work, cap_bytes, cuda,
                                    wanted_phases(settings))

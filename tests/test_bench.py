@@ -140,3 +140,32 @@ def test_bench_memory_picks_work_and_batches_from_the_one_config():
            "reserved_error": 0.013, "share_of_cap": 0.337}
     assert ("| model-7B | 448x448 | score (planner's) | 64 | 7.8 / 8.2 | 7.69 / 8.1 | "
             "7.69 / 6.67 | +1.3% | 34% |") in bench.markdown([row], "# h")
+
+
+def test_bench_memory_runs_a_qwen3_vl_model_on_cpu(tmp_path):
+    """The same grid on a tiny Qwen3-VL (DeepStack, full-attention vision tower): make train's
+    step and make submit's prediction run, every row is predicted, the plan has its margin."""
+    from vqa import tiny
+
+    tokenizer = tiny.train_tokenizer(["what color is the shape?"] * 20)
+    model = tiny.init_tiny_model(tiny.tiny_config(tokenizer, "qwen3_vl"), seed=0)
+    tiny.save_model_folder(model, tiny.tiny_processor(tokenizer, "qwen3_vl"),
+                           tmp_path / "qwen3-vl", {})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "scripts/bench_memory.py", "--dry-run", "--model-dir",
+                           str(tmp_path / "qwen3-vl"), "BENCH_CAP=24GiB", "BENCH_ROWS=8",
+                           "BENCH_IMAGES=1024x768", "BENCH_WORK=train,score",
+                           "BENCH_BATCHES=train=2 score=4", f"ARTIFACTS_DIR={tmp_path / 'out'}",
+                           f"BENCH_SCRATCH={tmp_path / 'scratch'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "bench-memory" / "bench_memory.json").read_text())
+    assert {(r["work"], r["batch"], r["planned"]) for r in rows} == {
+        ("train", 2, False), ("train", 16, True), ("score", 4, False), ("score", 8, True)}
+    from vqa.planning.shapes import visual_tokens_for
+
+    min_pixels, max_pixels = tiny.tiny_pixels("qwen3_vl")
+    expected = visual_tokens_for(768, 1024, min_pixels=min_pixels, max_pixels=max_pixels,
+                                 patch_size=16, merge_size=2)  # 32x32 pixels a token
+    assert expected == 234 and all(r["predicted"]["visual_tokens"] == expected for r in rows)
+    assert all(r["measured"]["oom"] is False for r in rows)

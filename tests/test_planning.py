@@ -201,7 +201,11 @@ def test_a_broken_config_json_is_named_not_passed_over(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"model/config.json: not valid JSON"):
         architecture_for(str(folder))
     (folder / "config.json").write_text(json.dumps({"vision_config": {"depth": 2}}))
-    with pytest.raises(ValueError, match=r"model/config.json: not a Qwen2.5-VL config.json"):
+    with pytest.raises(ValueError, match=r"model/config.json: not a model's config.json"):
+        architecture_for(str(folder))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ValueError, match=r"model_type 'llava' is not a family vqa serves; "
+                                         r"supported: Qwen2-VL \(qwen2_vl\), Qwen2.5-VL"):
         architecture_for(str(folder))
     cached = tmp_path / "snapshots" / "abc123" / "config.json"
     cached.parent.mkdir(parents=True)

@@ -3,6 +3,7 @@
 import json
 
 import pandas as pd
+import pytest
 from PIL import Image
 
 from vqa.config import load_config
@@ -137,3 +138,24 @@ def test_rows_longer_than_max_sequence_length_get_a_max_pixels_that_fits(small_d
     report = json.loads((tmp_path / "b" / "preflight.json").read_text())
     assert report["data"]["train_sequence_length"]["max"] <= 150
     assert not any("MAX_SEQUENCE_LENGTH" in p["reason"] for p in report["problems"])
+
+
+@pytest.mark.parametrize("model_id, visual_tokens", [("Qwen/Qwen3-VL-8B-Instruct", 768),
+                                                     ("Qwen/Qwen2-VL-7B-Instruct", 999)])
+def test_a10g_plan_for_each_family_offline_counts_the_familys_own_tokens(
+        small_data, tmp_path, monkeypatch, model_id, visual_tokens):
+    """Offline, with a hub id: the architecture and the pixel rule come from the package's
+    table, so a 1024x768 photo is 768 visual tokens on Qwen3-VL (32x32 pixels a token) and 999
+    on Qwen2-VL (28x28); the planner plans with the margin of a family not yet calibrated."""
+    _no_hub(monkeypatch)
+    Image.new("RGB", (1024, 768), (0, 0, 255)).save(small_data / "images" / "0.png")
+    config = load_config([f"DATA_DIR={small_data}", f"ARTIFACTS_DIR={tmp_path}",
+                          f"MODEL_ID={model_id}", "TARGET_GPU=A10G"], environ={})
+    assert run_preflight(config) == 0
+    report = json.loads((tmp_path / "preflight.json").read_text())
+    assert report["architecture_source"].startswith("the package's table")
+    assert report["data"]["longest_rows"][0]["visual_tokens"] == visual_tokens
+    plan = report["plan"]
+    assert plan["budget"]["margin"] == 0.2 and plan["budget"]["calibrated"] is False
+    assert plan["train_peak"]["reserved_gib"] <= plan["budget"]["planned_gib"]
+    assert "20% margin: the peak-VRAM model is not yet checked on" in report["reasons"][0]

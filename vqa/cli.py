@@ -14,13 +14,14 @@ log = logging.getLogger("vqa")
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from vqa.data import DataError
+    from vqa.families.base import UnsupportedModel
     from vqa.model import ModelError
     from vqa.predict import PredictOutOfMemory
     from vqa.submission import SubmissionError
     from vqa.trainer import TrainingOutOfMemory
 
     return (ConfigError, DataError, ModelError, PredictOutOfMemory, SubmissionError,
-            TrainingOutOfMemory, FileNotFoundError)
+            TrainingOutOfMemory, UnsupportedModel, FileNotFoundError)
 
 
 # Stages that run on several ranks when NPROC > 1; the others ignore NPROC.

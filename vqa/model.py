@@ -1,5 +1,6 @@
-"""Loading the processor and model (4-bit NF4 or not) and attaching LoRA: one place for both the
-embedded tiny model and `Qwen/Qwen2.5-VL-7B-Instruct`."""
+"""Loading the processor and model (4-bit NF4 or not) and attaching LoRA: one place for the
+embedded tiny model and every checkpoint of the families in vqa/families/ (Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL), hub id or local folder, through transformers' Auto classes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from vqa import distributed
 from vqa.config import Config
 from vqa.io import file_fingerprint
+from vqa.families import family_for
 from vqa.planning.shapes import cached_config
 from vqa.speed import (chunk_vision_tower, fuse_inference_linears, fuse_inference_mlps,
                        letters_only_head, use_grouped_vision_attention)
@@ -96,6 +98,7 @@ def load_processor(config: Config):
 
     model_id = config.resolved_model_id
     _check_hub(model_id)
+    model_family(model_id)  # a family vqa does not serve stops here, in one line
     kwargs = {}
     if config.min_pixels:
         kwargs["min_pixels"] = config.min_pixels
@@ -111,9 +114,27 @@ def load_processor(config: Config):
     return processor
 
 
+def model_family(model_id: str):
+    """The family (vqa/families/) of a local or cached model, from its config.json's
+    model_type; None when there is no config.json here yet (a hub id still to download).
+    UnsupportedModel (one line) for a family vqa does not serve."""
+    import json
+
+    local = Path(model_id) / "config.json"
+    found = local if local.is_file() else cached_config(model_id)
+    if found is None:
+        return None
+    try:
+        model_type = json.loads(Path(found).read_text(encoding="utf-8")).get("model_type", "")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{found}: cannot read the model's config.json ({exc})") from None
+    return family_for(model_type, str(found))
+
+
 def load_model(config: Config, *, for_training: bool):
-    """The base model on the right device; 4-bit NF4 with double quantisation under QUANT=4bit."""
-    from transformers import BitsAndBytesConfig, Qwen2_5_VLForConditionalGeneration
+    """The base model on the right device, through transformers' Auto class for every family
+    (vqa/families/); 4-bit NF4 with double quantisation under QUANT=4bit."""
+    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
 
     device, dtype = device_and_dtype()
     kwargs: dict = {"dtype": dtype}
@@ -124,10 +145,12 @@ def load_model(config: Config, *, for_training: bool):
         # Each rank holds its own quantized copy on its own GPU (DDP).
         kwargs["device_map"] = {"": distributed.world().local_rank}
     model_id = config.resolved_model_id
+    model_family(model_id)  # a family vqa does not serve stops here, in one line
     try:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_id, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(_missing_model_message(model_id, exc)) from None
+    family_for(model.config.model_type, model_id)  # downloaded just now: checked the same
     if not uses_4bit(config):
         model.to(f"cuda:{distributed.world().local_rank}" if device == "cuda" else device)
     model.config.use_cache = not for_training

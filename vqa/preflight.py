@@ -103,7 +103,8 @@ def run_preflight(config: Config) -> int:
         print(f"  {p['file']} row {p['row']} (id {p['id']}, {p['path']}): {p['reason']}"
               + (f" -> {p['action']}" if p["action"] else ""))
     if len(problems) > 5:
-        print(f"  ... and {len(problems) - 5} more row problem(s): see {artifacts / 'preflight.md'}")
+        print(f"  ... and {len(problems) - 5} more row problem(s): see "
+              f"{artifacts / 'preflight.md'}")
     for warning in report["warnings"]:
         log.warning("%s", warning)
     log.info("plan: %s", "; ".join(report["reasons"]))

@@ -1,4 +1,5 @@
-"""Real-size Qwen2.5-VL models with random weights, and synthetic data, for GPU benchmarks.
+"""Real-size Qwen VL models (every family in vqa/families/) with random weights, and synthetic
+data, for GPU benchmarks.
 
 Memory and speed depend on the architecture, not on the weight values, so a benchmark builds a
 model from the published shapes (architectures.json, from the checkpoints' config.json) with
@@ -10,6 +11,7 @@ locally); its token ids sit inside the real vocabulary, whose full size the mode
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from PIL import Image
 
 from vqa import tiny
 from vqa.config import BenchConfig
+from vqa.families import family_for
 from vqa.planning.shapes import published_architectures
 
 
@@ -29,64 +32,51 @@ OPTIONS = ["빨간색 원", "파란색 삼각형", "초록색 사각형", "노�
 
 
 def real_size_config(model_name: str, tokenizer):
-    """Qwen2_5_VLConfig with the published shapes of `model_name` and the tokenizer's ids."""
-    from transformers import Qwen2_5_VLConfig
+    """The config of `model_name` (any family in architectures.json) with its published shapes
+    and the local tokenizer's special-token ids."""
+    from transformers import AutoConfig
 
-    table = published_architectures()
-    common, shapes = table["common"], table["models"][model_name]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.QWEN_SPECIAL_TOKENS}
-    vision = dict(common["vision_config"])
-    vision["in_channels"] = vision.pop("in_chans")
-    vision["out_hidden_size"] = shapes["vision_out_hidden_size"]
-    text = dict(
-        hidden_size=shapes["hidden_size"], intermediate_size=shapes["intermediate_size"],
-        num_hidden_layers=shapes["num_hidden_layers"],
-        num_attention_heads=shapes["num_attention_heads"],
-        num_key_value_heads=shapes["num_key_value_heads"], vocab_size=shapes["vocab_size"],
-        hidden_act=common["hidden_act"], rms_norm_eps=common["rms_norm_eps"],
-        max_position_embeddings=common["max_position_embeddings"],
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        rope_parameters={"rope_type": "default", "rope_theta": common["rope_theta"],
-                         "mrope_section": common["rope_scaling"]["mrope_section"]},
-    )
-    return Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, tie_word_embeddings=shapes["tie_word_embeddings"],
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-    )
+    config = json.loads(json.dumps(published_architectures()["models"][model_name]["config"]))
+    text = config.get("text_config", config)  # Qwen2-VL's hub config is flat
+    text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    config.update(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"],
+                  vision_end_token_id=ids["<|vision_end|>"])
+    config.pop("vision_token_id", None)
+    return AutoConfig.for_model(**config)
+
+
+def bench_model_id(name: str) -> str:
+    """A BENCH_MODELS entry as a hub id: 7B is Qwen2.5-VL-7B, Qwen3-VL-8B is Qwen3-VL-8B's
+    Instruct checkpoint, a full id stays as it is (architectures.json must hold it)."""
+    if "/" in name:
+        return name
+    return f"Qwen/{name}-Instruct" if name.startswith("Qwen") else f"Qwen/Qwen2.5-VL-{name}-Instruct"
 
 
 def build_random_model(model_name: str, folder: Path, seed: int = 0) -> Path:
     """Random-init `model_name` in bf16 on the GPU, saved with its processor into `folder`; a
     folder that already holds this build (the same name and seed) is kept as it is."""
-    import json
-
     stamp = Path(folder) / "vqa_random_model.json"
     built = {"model": model_name, "seed": seed}
     if stamp.is_file() and json.loads(stamp.read_text()) == built:
         return Path(folder)
-    from transformers import (
-        GenerationConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import GenerationConfig
 
     corpus = [f"{KOREAN_QUESTION}\n" + "\n".join(f"{l}. {o}" for l, o in zip("ABCD", OPTIONS))]
     tokenizer = tiny.train_tokenizer(corpus * 20 + ["what is the color of the shape?"] * 20)
-    preprocessor = published_architectures()["common"]["preprocessor"]
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=preprocessor["min_pixels"],
-                                              max_pixels=preprocessor["max_pixels"]),
-        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
-        chat_template=tiny.QWEN_VL_CHAT_TEMPLATE)
+    entry = published_architectures()["models"][model_name]
+    family = family_for(entry["config"]["model_type"], model_name)
+    preprocessor = entry["preprocessor"]
+    processor = family.processor(tokenizer, preprocessor["min_pixels"],
+                                 preprocessor["max_pixels"], tiny.QWEN_VL_CHAT_TEMPLATE)
     config = real_size_config(model_name, tokenizer)
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    text = config.text_config
+        model = tiny.model_class(config)._from_config(config, dtype=torch.bfloat16)
+    text = config.get_text_config()
     model.generation_config = GenerationConfig(
         bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
         pad_token_id=text.pad_token_id, do_sample=False)

@@ -83,8 +83,10 @@ def register_grouped_attention() -> str:
 
 
 def use_grouped_vision_attention(model) -> None:
-    """The vision tower's window attention through `grouped_attention`; the language model
-    keeps its own (SDPA). `model` is a Qwen2_5_VLForConditionalGeneration (before peft)."""
+    """The vision tower's attention through `grouped_attention`; the language model keeps its
+    own (SDPA). Qwen2.5-VL's segments are its windows; Qwen2-VL's and Qwen3-VL's (full
+    attention within each image) are its images: one call per image size instead of one per
+    image. `model` is a ...ForConditionalGeneration (before peft)."""
     model.set_attn_implementation({"vision_config": register_grouped_attention()})
 
 
@@ -251,13 +253,26 @@ def image_groups(sizes: list[int], limit: int) -> list[tuple[int, int]]:
     return groups
 
 
+def _joined(outputs: list):
+    """One vision output of the chunks' outputs, in order: their merged tokens, and (Qwen3-VL)
+    their DeepStack features, level by level. Nothing else is kept."""
+    def cat(tensors):  # one chunk: its own tensor, not a copy
+        return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+    first = outputs[0]
+    joined = {"pooler_output": cat([o.pooler_output for o in outputs])}
+    if getattr(first, "deepstack_features", None) is not None:
+        joined["deepstack_features"] = [cat(level) for level in
+                                        zip(*(o.deepstack_features for o in outputs))]
+    return type(first)(**joined)
+
+
 def chunk_vision_tower(model, max_patches: int | None = None) -> None:
     """The vision tower over whole images at most `max_patches` (VISION_CHUNK_PATCHES) at a time
-    in inference. It returns only the merged tokens (`pooler_output`, what the language model
-    reads), in order: the pre-merge states (`last_hidden_state`, a patch x 1,280 tensor) would
-    otherwise stay allocated through the language model's whole forward."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
+    in inference. It returns only what the language model reads, in order: the merged tokens
+    (`pooler_output`) and, in Qwen3-VL, the DeepStack features; the pre-merge states
+    (`last_hidden_state`, a patch x 1,280 tensor) would otherwise stay allocated through the
+    language model's whole forward."""
     visual = inner_model(model).model.visual
     if getattr(visual, "_vqa_chunked", False):
         return
@@ -267,14 +282,13 @@ def chunk_vision_tower(model, max_patches: int | None = None) -> None:
         if torch.is_grad_enabled() or visual.training:
             return original(hidden_states, grid_thw, **kwargs)
         sizes = grid_thw.prod(-1).tolist()
-        merged, first_patch = [], 0
+        outputs, first_patch = [], 0
         for a, b in image_groups(sizes, max_patches or VISION_CHUNK_PATCHES):
             n = sum(sizes[a:b])
-            merged.append(original(hidden_states[first_patch:first_patch + n], grid_thw[a:b],
-                                   **kwargs).pooler_output)
+            outputs.append(original(hidden_states[first_patch:first_patch + n], grid_thw[a:b],
+                                    **kwargs))
             first_patch += n
-        return BaseModelOutputWithPooling(
-            pooler_output=merged[0] if len(merged) == 1 else torch.cat(merged))
+        return _joined(outputs)
 
     visual.forward = forward
     visual._vqa_chunked = True
@@ -316,21 +330,23 @@ def letter_columns(model, token_ids: list[int]) -> list[int]:
 
 
 def inner_model(model):
-    """The Qwen2_5_VLForConditionalGeneration inside a peft wrapper (or the model itself)."""
+    """The ...ForConditionalGeneration inside a peft wrapper (or the model itself)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if get_base is not None else model
 
 
 class RopeIndex:
-    """Qwen2.5-VL's 3-D rope positions of a collated batch, on the CPU, from the config alone
-    (lever 6). Borrows the model class's own functions, so the positions are the model's."""
+    """The 3-D rope positions of a collated batch, on the CPU, from the config alone (lever 6).
+    Borrows the family's own model class's functions (vqa/families/), so the positions are the
+    model's."""
 
     def __init__(self, config):
-        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
+        from vqa.families import family_for
 
+        model_class = family_for(config.model_type).model_type_class()
         self.config = config
-        self._index = qwen.Qwen2_5_VLModel.get_rope_index
-        self._vision = qwen.Qwen2_5_VLModel.get_vision_position_ids
+        self._index = model_class.get_rope_index
+        self._vision = model_class.get_vision_position_ids
 
     def get_vision_position_ids(self, *args, **kwargs):
         return self._vision(self, *args, **kwargs)

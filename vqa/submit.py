@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from vqa import distributed
 from vqa.config import Config
 from vqa.data import read_table
@@ -53,7 +55,8 @@ def submit(config: Config) -> dict:
     # rank 0 makes it when it must, the others read what it saved.
     plan = stage_plan(config, "submit", processor) if here.is_main else None
     distributed.barrier()
-    batch = (plan or stage_plan(config, "submit", processor)).pred_batch_size
+    plan = plan or stage_plan(config, "submit", processor)
+    batch = plan.pred_batch_size
     model, source = load_for_inference(config, config.artifacts_dir / "lora_adapter",
                                        processor)
     log.info("predicting %d test rows with %s, INFER_MODE=%s, %d rank(s)", len(test), source,
@@ -86,6 +89,9 @@ def submit(config: Config) -> dict:
         "rows": len(frame),
         "answer_counts": frame["answer"].value_counts().sort_index().to_dict(),
         "pred_batch_size": batch,
+        "peak_reserved_gib_rank0": (round(torch.cuda.max_memory_reserved() / 2**30, 3)
+                                    if torch.cuda.is_available() else None),
+        "predicted_peak_reserved_gib": (plan.predict_peak or {}).get("reserved_gib"),
         "world_size": here.size,
         "resumed_rows": len(done),
         "predict_seconds": round(predict_seconds, 3),

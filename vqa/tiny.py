@@ -1,4 +1,5 @@
-"""The embedded default model: a tiny Qwen2.5-VL built locally, so the whole job runs offline.
+"""The embedded default model: a tiny Qwen2.5-VL built locally, so the whole job runs offline (and
+tiny models of the other families, for the tests).
 
 It has the real architecture (`Qwen2_5_VLForConditionalGeneration`), the real processor classes
 and a byte-level BPE tokenizer trained here on the task's own text with Qwen's special tokens and
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from vqa.families import family_for
 
 # Qwen2's special tokens in Qwen's order: with them first, their relative ids match the hub's.
 QWEN_SPECIAL_TOKENS = [
@@ -46,17 +49,25 @@ QWEN_VL_CHAT_TEMPLATE = (
 
 # The tiny architecture. head_dim = 128 / 4 = 32, so mrope_section must sum to 16. rope_theta is
 # 1e4, not Qwen's 1e6: with 16 rotary frequencies and sequences of ~60 tokens, 1e6 leaves too
-# little positional resolution to find the option lines (docs/EMBEDDED_DEFAULT.md).
+# little positional resolution to find the option lines (docs/EMBEDDED_DEFAULT.md). The vision
+# tower is the family's own small one (vqa/families/: `tiny_vision`).
 TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, mrope_section=[4, 6, 6],
                  rope_theta=10_000.0)
-TINY_VISION = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4,
-                   fullatt_block_indexes=[1])
-# A 64x64 easy-vqa image is upscaled to 112x112 = 16 visual tokens (64 patches). At Qwen's own
-# min_pixels (56x56, 4 tokens) the tiny model's colour answers reached 0.55 against 0.94 here
-# (docs/EMBEDDED_DEFAULT.md).
-TINY_MIN_PIXELS = 112 * 112
-TINY_MAX_PIXELS = 448 * 448
+# A 64x64 easy-vqa image is upscaled to 16 visual tokens (112x112 at Qwen2.5-VL's 28 pixels a
+# token). At Qwen's own min_pixels (56x56, 4 tokens) the tiny model's colour answers reached
+# 0.55 against 0.94 here (docs/EMBEDDED_DEFAULT.md).
+TINY_MIN_TOKENS, TINY_MAX_TOKENS = 16, 256
+EMBEDDED_FAMILY = "qwen2_5_vl"  # the embedded default's (make model)
+
+
+def tiny_pixels(model_type: str = EMBEDDED_FAMILY) -> tuple[int, int]:
+    """The tiny models' (min_pixels, max_pixels): 16 to 256 visual tokens an image."""
+    per_token = family_for(model_type).pixels_per_token
+    return TINY_MIN_TOKENS * per_token, TINY_MAX_TOKENS * per_token
+
+
+TINY_MIN_PIXELS, TINY_MAX_PIXELS = tiny_pixels()
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int = 2048):
@@ -86,51 +97,54 @@ def train_tokenizer(corpus: list[str], vocab_size: int = 2048):
     return tokenizer
 
 
-def tiny_config(tokenizer):
-    from transformers import Qwen2_5_VLConfig
+def tiny_config(tokenizer, model_type: str = EMBEDDED_FAMILY):
+    """A tiny config of `model_type`'s family (vqa/families/) over the local tokenizer."""
+    from transformers import AutoConfig
 
+    family = family_for(model_type)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     vocab_size = 64 * ((len(tokenizer) + 63) // 64)
     text = dict(TINY_TEXT)
     mrope_section = text.pop("mrope_section")
     rope_theta = text.pop("rope_theta")
+    rope = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope_section}
+    if model_type == "qwen3_vl":
+        rope["mrope_interleaved"] = True
     text_config = dict(
         **text, vocab_size=vocab_size, hidden_act="silu", rms_norm_eps=1e-6,
         max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
-                         "mrope_section": mrope_section},
+        rope_parameters=rope,
     )
-    # Every vision field is set: the class defaults describe the 7B (hidden 3584).
-    vision_config = dict(
-        **TINY_VISION, hidden_act="silu", in_channels=3, patch_size=14, spatial_merge_size=2,
-        temporal_patch_size=2, window_size=112, out_hidden_size=text["hidden_size"],
-        tokens_per_second=2, initializer_range=0.02,
-    )
-    return Qwen2_5_VLConfig(
-        text_config=text_config, vision_config=vision_config, tie_word_embeddings=False,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    # Every vision field is set: the class defaults describe large checkpoints.
+    vision_config = {**family.tiny_vision, family.vision_out_key: text["hidden_size"]}
+    return AutoConfig.for_model(
+        model_type, text_config=text_config, vision_config=vision_config,
+        tie_word_embeddings=False, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
     )
 
 
-def tiny_processor(tokenizer):
-    """The stock Qwen2.5-VL processor over the local tokenizer."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+def tiny_processor(tokenizer, model_type: str = EMBEDDED_FAMILY):
+    """The family's stock processor over the local tokenizer, at the tiny models' pixels."""
+    return family_for(model_type).processor(tokenizer, *tiny_pixels(model_type),
+                                            QWEN_VL_CHAT_TEMPLATE)
 
-    image_processor = Qwen2VLImageProcessor(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
-    return Qwen2_5_VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_VL_CHAT_TEMPLATE,
-    )
+
+def model_class(config):
+    """The ...ForConditionalGeneration class transformers' Auto class maps `config` to."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    return MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
 
 
 def init_tiny_model(config, seed: int):
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import GenerationConfig
 
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    text = config.text_config
+    model = model_class(config)(config)
+    text = config.get_text_config()
     model.generation_config = GenerationConfig(
         bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
         pad_token_id=text.pad_token_id, do_sample=False,

@@ -93,7 +93,7 @@ def train_peak(arch: Architecture, *, tokens: int, patches: int, lora_r: int, lo
     recomputed = TRAIN_ACTIVATION_SCALE * tokens * 12 * arch.intermediate
     layer_activations = max(recomputed, kept * tokens * TRAIN_KEPT_LAYER_SCALE * 2
                             * (10 * arch.hidden + 5 * arch.intermediate))
-    kv_width = arch.kv_heads * arch.hidden // arch.heads
+    kv_width = arch.kv_heads * arch.head_dim
     attention_activations = (attention * tokens * TRAIN_KEPT_ATTENTION_SCALE * 2
                              * (12 * arch.hidden + 2 * kv_width))
     terms = {
@@ -178,7 +178,6 @@ def infer_phases(arch: Architecture, *, batch: int, tokens: int, vision_patches:
         "vision tower activations (one chunk)": vision_patches * INFER_PATCH_SCALE * 2
         * arch.vision_hidden,
     }
-    head_dim = arch.hidden // arch.heads
     length = tokens / max(batch, 1)
     language = {
         # the fused MLP's dense gate, up and down, and one more while the next is made
@@ -192,7 +191,7 @@ def infer_phases(arch: Architecture, *, batch: int, tokens: int, vision_patches:
     }
     if mode == "generate":
         language["KV cache"] = (batch * (length + max_new_tokens) * arch.layers * 2
-                                * arch.kv_heads * head_dim * 2)
+                                * arch.kv_heads * arch.head_dim * 2)
     weights = sum(static.values())
     phases = {}
     for name, terms, ratio in (

@@ -18,12 +18,16 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from vqa.config import Config
+from vqa.families import family_for
 from vqa.planning.hardware import GIB, Budget
 from vqa.planning.peaks import Estimate, infer_peak, train_peak, vision_chunk
 from vqa.planning.rows import RowShape, Tokens, Workload, workload
 from vqa.planning.shapes import Architecture
 
 PLAN_MARGIN = 0.10  # the plan keeps the predicted peak this far below the usable memory
+# ... and this far for a family whose own peaks the model was not yet checked on
+# (vqa/families/: `calibrated`): its vision tower and language model are other shapes.
+UNCALIBRATED_MARGIN = 0.20
 # Beyond this, scoring is no faster a row (batch 32 to 64: flat), and larger is slower: 3B,
 # 448x448, batch 1,388 (all that fits a 24 GiB card) took 0.0252 s a row against 0.0229 in
 # batches of 64 (docs/BENCHMARKS.md).
@@ -168,9 +172,15 @@ def _kept(knob: str, user: int | None, peak, most: int, limit: float) -> Decisio
                     round(following / GIB, 2), of=most)
 
 
+def margin_for(arch: Architecture) -> float:
+    """The share of the usable memory the plan keeps free for the peak model's error."""
+    return PLAN_MARGIN if family_for(arch.family).calibrated else UNCALIBRATED_MARGIN
+
+
 def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget,
               plan: Plan) -> None:
-    limit = budget.usable_bytes * (1 - PLAN_MARGIN)
+    margin = margin_for(arch)
+    limit = budget.usable_bytes * (1 - margin)
     per_rank = max(1, config.effective_batch_size // config.nproc)
     train = {b: train_estimate(config, arch, work, b)
              for b in range(1, per_rank + 1) if per_rank % b == 0}
@@ -178,8 +188,10 @@ def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget
     rows = max(1, len(work.predict_lengths))
     ceiling = min(MAX_PRED_BATCH, rows)
     infer = {b: infer_estimate(config, arch, work, b) for b in range(1, ceiling + 1)}
+    family = family_for(arch.family)
     plan.budget = {"name": budget.name, "usable_gib": round(budget.usable_bytes / GIB, 2),
-                   "planned_gib": round(limit / GIB, 2), "margin": PLAN_MARGIN}
+                   "planned_gib": round(limit / GIB, 2), "margin": margin,
+                   "family": family.name, "calibrated": family.calibrated}
     plan.candidates = (
         [{"work": "train", "batch": b, **e.gib()} for b, e in train.items()]
         + [{"work": config.infer_mode, "batch": b, **infer[b].gib()}
@@ -270,7 +282,7 @@ def suggest_max_pixels(config: Config, arch: Architecture, train: list[RowShape]
     micro-batch 1 and prediction at batch 1 fit the budget and every row fits
     MAX_SEQUENCE_LENGTH; None when nothing down to 64 visual tokens an image does."""
     largest = max([tokens.visual(r) for r in train + predict] or [0])
-    limit = budget.usable_bytes * (1 - PLAN_MARGIN) if budget is not None else None
+    limit = budget.usable_bytes * (1 - margin_for(arch)) if budget is not None else None
     for cap in range(largest, 63, -max(1, largest // 64)):
         max_pixels = cap * tokens.pixels_per_token
         work = workload(train, predict, tokens, max_pixels)

@@ -80,8 +80,10 @@ def budget_line(plan: dict) -> str | None:
     b = plan["budget"]
     if not b:
         return None
+    why = ("" if b.get("calibrated", True) else
+           f": the peak-VRAM model is not yet checked on {b['family']}'s own measured peaks")
     return (f"{b['name']}: {b['usable_gib']:.1f} GiB usable after the CUDA context, planned to "
-            f"{b['planned_gib']:.1f} GiB ({b['margin']:.0%} margin)")
+            f"{b['planned_gib']:.1f} GiB ({b['margin']:.0%} margin{why})")
 
 
 def ranks_lines(plan: dict) -> list[str]:
@@ -190,7 +192,8 @@ def preflight_markdown(report: dict) -> str:
     if machine["gpus"]:
         for gpu in machine["gpus"]:
             lines.append(f"- GPU {gpu['index']}: {gpu['name']}, {gpu['total_bytes'] / GIB:.1f} GiB "
-                         f"({gpu['free_bytes'] / GIB:.1f} free), compute {gpu['compute_capability']}"
+                         f"({gpu['free_bytes'] / GIB:.1f} free), compute "
+                         f"{gpu['compute_capability']}"
                          f", bf16 {'yes' if gpu['bf16'] else 'no'}, other processes "
                          f"{gpu['other_processes_bytes'] / GIB:.1f} GiB")
         lines.append(f"- Driver {machine['driver_version']}, CUDA {machine['cuda_driver_version']}")
@@ -238,7 +241,8 @@ def preflight_markdown(report: dict) -> str:
     lines += ["", "Set these to change it:", "", "```", plan_settings(plan), "```", "",
               f"## Row problems ({len(report['problems'])})", ""]
     if report["problems"]:
-        lines += ["| file | row | id | path | problem | what happens |", "|---|---|---|---|---|---|"]
+        lines += ["| file | row | id | path | problem | what happens |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {p['file']} | {p['row']} | {p['id']} | {p['path']} | {p['reason']} | "
                   f"{p['action']} |" for p in report["problems"]]
     else:

@@ -87,10 +87,15 @@ def tokens_from_processor(processor) -> Tokens:
                   "the loaded processor")
 
 
-def tokens_from_table(min_pixels: int | None, max_pixels: int | None, why: str) -> Tokens:
-    """The published preprocessor settings, and text tokens estimated at one per two UTF-8
-    bytes (Qwen's BPE needs fewer for English and Korean alike, so the estimate errs high)."""
-    pre = published_architectures()["common"]["preprocessor"]
+def tokens_from_table(model_id: str, min_pixels: int | None, max_pixels: int | None,
+                      why: str) -> Tokens:
+    """The model's published preprocessor settings (architectures.json; Qwen2.5-VL's for a model
+    not in it), and text tokens estimated at one per two UTF-8 bytes (Qwen's BPE needs fewer
+    for English and Korean alike, so the estimate errs high)."""
+    entry = published_architectures()["models"].get(model_id)
+    pre = entry["preprocessor"] if entry else next(
+        m["preprocessor"] for m in published_architectures()["models"].values()
+        if m["config"]["model_type"] == "qwen2_5_vl")
     template = 24  # <|im_start|>user ... <|vision_start|><|image_pad|><|vision_end|> ... assistant
 
     def count_text(row) -> int:

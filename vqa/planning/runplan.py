@@ -21,6 +21,7 @@ from pathlib import Path
 
 from vqa.config import Config
 from vqa.data import DataError, read_table
+from vqa.families.base import UnsupportedModel
 from vqa.io import file_fingerprint, write_json_atomic
 from vqa.planning import report
 from vqa.planning.hardware import Machine, budget_for, card_identity, probe_machine, visible_gpus
@@ -134,8 +135,8 @@ def _measure(config: Config, processor=None) -> tuple[Tokens, str | None]:
     try:
         return tokens_from_processor(load_processor(config)), None
     except ModelError as exc:
-        return (tokens_from_table(config.min_pixels, config.max_pixels,
-                                  "processor not loadable here"), str(exc))
+        return (tokens_from_table(config.resolved_model_id, config.min_pixels,
+                                  config.max_pixels, "processor not loadable here"), str(exc))
 
 
 def make_run_plan(config: Config, machine: Machine | None = None, processor=None,
@@ -151,6 +152,8 @@ def make_run_plan(config: Config, machine: Machine | None = None, processor=None
     arch, source = None, None
     try:
         arch, source = architecture_for(config.resolved_model_id)
+    except UnsupportedModel:
+        raise  # a family vqa does not serve: one line, not a plan without memory
     except ValueError as exc:
         log.warning("%s", exc)
     budget = budget_for(config.target_gpu, config.target_gpu_memory, machine, config.nproc)

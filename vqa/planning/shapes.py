@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from vqa.families import family_for
+from vqa.families.base import VisionShapes
+
+
 def smart_resize(height: int, width: int, *, factor: int = 28, min_pixels: int,
                  max_pixels: int) -> tuple[int, int]:
     """Qwen2-VL's resize rule (as in transformers' image processor), for planning without pixels."""
@@ -42,14 +46,16 @@ def visual_tokens_for(height: int, width: int, *, min_pixels: int, max_pixels: i
 
 @dataclass(frozen=True)
 class Architecture:
-    """The shapes of a Qwen2.5-VL checkpoint that decide its memory."""
+    """The shapes of a checkpoint that decide its memory (any family of vqa/families/)."""
 
     name: str
+    family: str  # model_type, e.g. qwen2_5_vl
     hidden: int
     intermediate: int
     layers: int
     heads: int
     kv_heads: int
+    head_dim: int
     vocab: int
     tied: bool
     vision_depth: int
@@ -57,37 +63,51 @@ class Architecture:
     vision_intermediate: int
     vision_out: int
     merge: int
+    vision_mergers: int = 1  # the merger, plus DeepStack's
 
     @classmethod
     def from_config(cls, name: str, config: dict) -> "Architecture":
-        """From a transformers config.json (text fields nested in text_config or flat)."""
-        text = {**config, **(config.get("text_config") or {})}
-        vision = config["vision_config"]
+        """From a config.json's contents, parsed by transformers' own config class (which fills
+        what a hub file leaves to its defaults). UnsupportedModel for a family vqa does not
+        serve."""
+        from transformers import AutoConfig
+
+        model_type = config.get("model_type", "")
+        family = family_for(model_type, name)  # before transformers: one line, any model_type
+        parsed = AutoConfig.for_model(**config)
+        text = parsed.get_text_config()
+        vision = family.vision_shapes(parsed.vision_config)
+        # Untied Qwen3-VL-8B/32B say so only at the top level, not in text_config.
+        tied = config.get("tie_word_embeddings",
+                          (config.get("text_config") or {}).get("tie_word_embeddings", False))
         return cls(
-            name=name, hidden=text["hidden_size"], intermediate=text["intermediate_size"],
-            layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
-            kv_heads=text.get("num_key_value_heads") or text["num_attention_heads"],
-            vocab=text["vocab_size"], tied=bool(config.get("tie_word_embeddings", False)),
-            vision_depth=vision["depth"], vision_hidden=vision["hidden_size"],
-            vision_intermediate=vision["intermediate_size"],
-            vision_out=vision.get("out_hidden_size") or text["hidden_size"],
-            merge=vision.get("spatial_merge_size", 2))
+            name=name, family=model_type, hidden=text.hidden_size,
+            intermediate=text.intermediate_size, layers=text.num_hidden_layers,
+            heads=text.num_attention_heads,
+            kv_heads=text.num_key_value_heads or text.num_attention_heads,
+            head_dim=(getattr(text, "head_dim", None)
+                      or text.hidden_size // text.num_attention_heads),
+            vocab=text.vocab_size, tied=bool(tied), vision_depth=vision.depth,
+            vision_hidden=vision.hidden, vision_intermediate=vision.intermediate,
+            vision_out=vision.out, merge=vision.merge, vision_mergers=vision.mergers)
+
+    @property
+    def vision(self) -> VisionShapes:
+        return VisionShapes(self.vision_depth, self.vision_hidden, self.vision_intermediate,
+                            self.vision_out, self.merge, self.vision_mergers)
 
     def linears(self) -> dict[str, list[tuple[int, int]]]:
-        """(in, out) of every Linear by its module name; bitsandbytes quantizes all of them."""
-        h, kv = self.hidden, self.kv_heads * (self.hidden // self.heads)
-        vh, vi, m = self.vision_hidden, self.vision_intermediate, self.vision_hidden * self.merge ** 2
-        lm = self.layers
-        vd = self.vision_depth
-        return {
-            "q_proj": [(h, h)] * lm, "k_proj": [(h, kv)] * lm, "v_proj": [(h, kv)] * lm,
-            "o_proj": [(h, h)] * lm,
-            "gate_proj": [(h, self.intermediate)] * lm + [(vh, vi)] * vd,
-            "up_proj": [(h, self.intermediate)] * lm + [(vh, vi)] * vd,
-            "down_proj": [(self.intermediate, h)] * lm + [(vi, vh)] * vd,
-            "qkv": [(vh, 3 * vh)] * vd, "proj": [(vh, vh)] * vd,
-            "merger": [(m, m), (m, self.vision_out)],
-        }
+        """(in, out) of every Linear by its module name: the language model's, then the vision
+        tower's (its family's); bitsandbytes quantizes all of them."""
+        h, q, kv, lm = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, \
+            self.layers
+        found = {"q_proj": [(h, q)] * lm, "k_proj": [(h, kv)] * lm, "v_proj": [(h, kv)] * lm,
+                 "o_proj": [(q, h)] * lm, "gate_proj": [(h, self.intermediate)] * lm,
+                 "up_proj": [(h, self.intermediate)] * lm,
+                 "down_proj": [(self.intermediate, h)] * lm}
+        for name, shapes in family_for(self.family).vision_linears(self.vision).items():
+            found[name] = found.get(name, []) + shapes
+        return found
 
     @property
     def linear_params(self) -> int:
@@ -99,8 +119,9 @@ class Architecture:
         return self.vocab * self.hidden * (1 if self.tied else 2)
 
     def lora_params(self, r: int, targets: str) -> int:
-        """LoRA A and B matrices on every Linear whose name is a target (the vision tower's
-        MLPs share the language model's names, so the reference targets land there too)."""
+        """LoRA A and B matrices on every Linear whose name is a target (in Qwen2.5-VL the
+        vision tower's MLPs share the language model's names, so the reference targets land
+        there too; in Qwen2-VL and Qwen3-VL they do not)."""
         wanted = {t.strip() for t in targets.split(",") if t.strip()}
         return sum(r * (i + o) for name, shapes in self.linears().items() if name in wanted
                    for i, o in shapes)
@@ -110,7 +131,7 @@ TABLE = "vqa/planning/architectures.json"
 
 
 def published_architectures() -> dict:
-    """architectures.json: the published configs of the Qwen2.5-VL Instruct checkpoints."""
+    """architectures.json: the published configs of the Qwen VL checkpoints vqa serves."""
     return json.loads(resources.files(__package__).joinpath("architectures.json").read_text())
 
 
@@ -122,10 +143,12 @@ def _from_file(name: str, path: Path) -> "Architecture":
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read ({exc})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"{path}: not a model's config.json (no model_type)")
     try:
         return Architecture.from_config(name, config)
     except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{path}: not a Qwen2.5-VL config.json (missing {exc})") from None
+        raise ValueError(f"{path}: not a {config['model_type']} config.json ({exc})") from None
 
 
 def cached_config(model_id: str) -> Path | None:
@@ -150,19 +173,9 @@ def architecture_for(model_id: str) -> tuple[Architecture, str]:
     cached = cached_config(model_id)
     if cached is not None:
         return _from_file(model_id, cached), str(cached)
-    table = published_architectures()
-    if model_id in table["models"]:
-        shapes, common = table["models"][model_id], table["common"]
-        config_json = {
-            "hidden_size": shapes["hidden_size"], "intermediate_size": shapes["intermediate_size"],
-            "num_hidden_layers": shapes["num_hidden_layers"],
-            "num_attention_heads": shapes["num_attention_heads"],
-            "num_key_value_heads": shapes["num_key_value_heads"],
-            "vocab_size": shapes["vocab_size"],
-            "tie_word_embeddings": shapes["tie_word_embeddings"],
-            "vision_config": {**common["vision_config"],
-                              "out_hidden_size": shapes["vision_out_hidden_size"]}}
-        return (Architecture.from_config(model_id, config_json),
+    table = published_architectures()["models"]
+    if model_id in table:
+        return (Architecture.from_config(model_id, table[model_id]["config"]),
                 f"the package's table of published configs ({TABLE})")
     raise ValueError(f"no config.json for {model_id!r} (not a local folder, not cached, not in "
                      f"{TABLE}): cannot predict its memory")

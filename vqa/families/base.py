@@ -1,0 +1,84 @@
+"""What a model family is to vqa: the few facts in which Qwen2-VL, Qwen2.5-VL and Qwen3-VL differ.
+
+Everything else (the data, the planner, training, prediction, the journal, the reports) is the
+same for every family. A family module (qwen2_vl.py, qwen2_5_vl.py, qwen3_vl.py) defines one
+`Family`; vqa/families/__init__.py lists them. Adding a family is one such file, its entries in
+vqa/planning/architectures.json, and its measured rows in vqa/planning/calibration.csv.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class VisionShapes:
+    """The vision tower's shapes that decide its weights and memory."""
+
+    depth: int
+    hidden: int
+    intermediate: int
+    out: int  # the merger's output: the language model's hidden size
+    merge: int  # spatial merge: merge x merge patches make one visual token
+    mergers: int  # the merger, plus DeepStack's (Qwen3-VL)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # as people write it: "Qwen2.5-VL"
+    model_types: tuple[str, ...]  # config.json's model_type
+    transformers_module: str  # transformers.models.<this>.modeling_<this>
+    model_class: str  # the model inside ...ForConditionalGeneration (its rope index)
+    processor_class: str  # transformers' processor and video processor of the family
+    video_processor_class: str
+    # The processor's published defaults: one visual token = (patch x merge)^2 pixels.
+    patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    # Windows in the vision tower (Qwen2.5-VL's 112-pixel windows with full attention in a few
+    # blocks), or full attention within each image in every block.
+    windowed_vision: bool
+    # The peak-VRAM model's coefficients were fitted to, or checked on, this family's own
+    # measured rows (vqa/planning/calibration.csv). A family without is planned with a wider
+    # margin, and preflight says so.
+    calibrated: bool
+    vision_shapes: Callable[[object], VisionShapes]  # from a transformers vision config
+    # (in, out) of every Linear of the vision tower by module name, given its shapes
+    vision_linears: Callable[[VisionShapes], dict[str, list[tuple[int, int]]]]
+    # a small vision_config for the CPU tests' tiny models (vqa/tiny.py), and the key of its
+    # merger's output width (the language model's hidden size)
+    tiny_vision: dict
+    vision_out_key: str = "out_hidden_size"
+
+    @property
+    def pixels_per_token(self) -> int:
+        return (self.patch_size * self.merge_size) ** 2
+
+    def model_type_class(self):
+        """The transformers class whose get_rope_index computes this family's positions."""
+        import importlib
+
+        module = importlib.import_module(f"transformers.models.{self.transformers_module}."
+                                         f"modeling_{self.transformers_module}")
+        return getattr(module, self.model_class)
+
+    def processor(self, tokenizer, min_pixels: int, max_pixels: int, chat_template: str):
+        """The family's own processor over `tokenizer`, with these pixel bounds."""
+        import transformers
+
+        image_processor = transformers.Qwen2VLImageProcessor(
+            min_pixels=min_pixels, max_pixels=max_pixels, patch_size=self.patch_size,
+            merge_size=self.merge_size, image_mean=list(self.image_mean),
+            image_std=list(self.image_std))
+        return getattr(transformers, self.processor_class)(
+            image_processor=image_processor, tokenizer=tokenizer,
+            video_processor=getattr(transformers, self.video_processor_class)(),
+            chat_template=chat_template)
+
+
+class UnsupportedModel(ValueError):
+    """The model's family is none vqa serves."""

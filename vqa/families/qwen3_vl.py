@@ -1,0 +1,35 @@
+"""Qwen3-VL (`qwen3_vl`): patch 16, merge 2 (one visual token per 32x32 pixels, 65,536 to
+16,777,216 pixels an image, image mean and std 0.5), a vision tower of 24 blocks of 1,024
+(2B, 4B) or 27 of 1,152 (8B, 32B) with full attention within each image and a plain MLP
+(linear_fc1, linear_fc2), and DeepStack: three intermediate blocks' features go through three
+more mergers into the language model's first layers. The default LoRA targets land in the
+language model only (a Qwen3 with q/k norms and interleaved mRoPE)."""
+
+from vqa.families.base import Family, VisionShapes
+
+
+def vision_shapes(vision) -> VisionShapes:
+    return VisionShapes(depth=vision.depth, hidden=vision.hidden_size,
+                        intermediate=vision.intermediate_size, out=vision.out_hidden_size,
+                        merge=vision.spatial_merge_size,
+                        mergers=1 + len(vision.deepstack_visual_indexes or []))
+
+
+def vision_linears(v: VisionShapes) -> dict[str, list[tuple[int, int]]]:
+    m = v.hidden * v.merge ** 2  # the mergers share the blocks' module names
+    return {"qkv": [(v.hidden, 3 * v.hidden)] * v.depth, "proj": [(v.hidden, v.hidden)] * v.depth,
+            "linear_fc1": [(v.hidden, v.intermediate)] * v.depth + [(m, m)] * v.mergers,
+            "linear_fc2": [(v.intermediate, v.hidden)] * v.depth + [(m, v.out)] * v.mergers}
+
+
+FAMILY = Family(
+    name="Qwen3-VL", model_types=("qwen3_vl",), transformers_module="qwen3_vl",
+    model_class="Qwen3VLModel", processor_class="Qwen3VLProcessor",
+    video_processor_class="Qwen3VLVideoProcessor", patch_size=16, merge_size=2, min_pixels=65536,
+    max_pixels=16777216, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+    windowed_vision=False, calibrated=False, vision_shapes=vision_shapes,
+    vision_linears=vision_linears,
+    tiny_vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
+                     hidden_act="gelu_pytorch_tanh", in_channels=3, patch_size=16,
+                     spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0],
+                     num_position_embeddings=64, initializer_range=0.02))
