@@ -54,3 +54,27 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     artifacts = tmp_path_factory.mktemp("artifacts")
     config = load_config([f"ARTIFACTS_DIR={artifacts}", "BASE_PRETRAIN_STEPS=40"], environ={})
     return build_embedded_model(config)
+
+
+def three_size_batch(processor, folder: Path, train: bool = True) -> dict:
+    """A collated batch of two rows each of 448x448 (a vision tower's whole windows only),
+    1024x768 and 300x200 (windows cut at the right and bottom edges; other patch grids).
+    Tests take it as the `make_batch` fixture."""
+    from vqa.data import VQACollator
+    from vqa.realsize import write_synthetic_data
+
+    rows = []
+    for size in [(448, 448), (1024, 768), (300, 200)]:
+        data = write_synthetic_data(folder / f"{size[0]}", 2, 0, size)
+        for row in pd.read_csv(data / "train.csv").to_dict("records"):
+            row["image"] = Image.open(data / row["path"]).convert("RGB")
+            rows.append(row)
+    batch = VQACollator(processor, folder, train=train)(rows)
+    batch.pop("row_ids", None)
+    return batch
+
+
+@pytest.fixture(scope="session")
+def make_batch():
+    return three_size_batch
+

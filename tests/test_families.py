@@ -37,22 +37,6 @@ def _tiny(tokenizer, model_type: str, seed: int = 0):
             tiny.tiny_processor(tokenizer, model_type))
 
 
-def _batch(processor, folder: Path, train: bool = True) -> dict:
-    """A batch of three image sizes (their patch grids differ, and so do Qwen2.5-VL's windows)."""
-    from vqa.data import VQACollator
-    from vqa.realsize import write_synthetic_data
-
-    rows = []
-    for size in [(448, 448), (1024, 768), (300, 200)]:
-        data = write_synthetic_data(folder / f"{size[0]}", 2, 0, size)
-        for row in pd.read_csv(data / "train.csv").to_dict("records"):
-            row["image"] = Image.open(data / row["path"]).convert("RGB")
-            rows.append(row)
-    batch = VQACollator(processor, folder, train=train)(rows)
-    batch.pop("row_ids", None)
-    return batch
-
-
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize("size", [(64, 64), (448, 448), (1024, 768), (768, 1024), (1400, 1400),
                                   (3000, 40), (33, 4000), (4032, 3024), (1920, 1080)])
@@ -119,11 +103,11 @@ def test_weight_counts_match_each_familys_module_tree(tokenizer, model_type, tmp
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_grouped_vision_attention_gives_the_stock_logits_and_gradients(tokenizer, model_type,
-                                                                       tmp_path):
+                                                                       tmp_path, make_batch):
     from vqa.speed import use_grouped_vision_attention
 
     model, processor = _tiny(tokenizer, model_type)
-    batch = _batch(processor, tmp_path)
+    batch = make_batch(processor, tmp_path)
     results = {}
     for name in ("stock", "grouped"):
         if name == "stock":
@@ -145,7 +129,7 @@ def test_grouped_vision_attention_gives_the_stock_logits_and_gradients(tokenizer
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_prediction_levers_give_peft_s_letter_scores(tokenizer, model_type, tmp_path,
-                                                     monkeypatch):
+                                                     monkeypatch, make_batch):
     """The LoRA merged on the fly with MLPs in chunks, the vision tower one image at a time
     (DeepStack's features too, in Qwen3-VL), the letters-only head and rope positions computed
     on the CPU: the letter logits of the stock model under peft."""
@@ -159,7 +143,7 @@ def test_prediction_levers_give_peft_s_letter_scores(tokenizer, model_type, tmp_
     adapted = get_peft_model(copy.deepcopy(model), LoraConfig(
         r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS.split(","),
         init_lora_weights=False)).eval()
-    inputs = {k: v for k, v in _batch(processor, tmp_path, train=False).items()}
+    inputs = {k: v for k, v in make_batch(processor, tmp_path, train=False).items()}
     letters = [5, 9, 2, 7]
     with torch.inference_mode():
         stock = adapted(**inputs, logits_to_keep=1).logits[:, -1, letters]

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import copy
 
-import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from vqa import tiny
-from vqa.data import VQACollator
-from vqa.realsize import KOREAN_QUESTION, write_synthetic_data
+from vqa.realsize import KOREAN_QUESTION
 from vqa.speed import (
     GROUPED_ATTENTION,
     LABEL_WINDOW,
@@ -26,7 +23,7 @@ from vqa.speed import (
 
 
 @pytest.fixture(scope="module")
-def model_and_batch(tmp_path_factory):
+def model_and_batch(tmp_path_factory, make_batch):
     """A random tiny Qwen2.5-VL and a training batch of three image sizes: 448x448 (whole
     windows only), 1024x768 and 300x200 (windows cut at the right and bottom edges)."""
     folder = tmp_path_factory.mktemp("speed")
@@ -34,15 +31,7 @@ def model_and_batch(tmp_path_factory):
     processor = tiny.tiny_processor(tokenizer)
     processor.image_processor.max_pixels = 1003520
     model = tiny.init_tiny_model(tiny.tiny_config(tokenizer), seed=0)
-    rows = []
-    for size in [(448, 448), (1024, 768), (300, 200)]:
-        data = write_synthetic_data(folder / f"{size[0]}", 2, 0, size)
-        for row in pd.read_csv(data / "train.csv").to_dict("records"):
-            row["image"] = Image.open(data / row["path"]).convert("RGB")
-            rows.append(row)
-    batch = VQACollator(processor, folder, train=True)(rows)
-    batch.pop("row_ids")
-    return model, batch
+    return model, make_batch(processor, folder)
 
 
 def _stock(model):

@@ -80,5 +80,16 @@ class Family:
             chat_template=chat_template)
 
 
+def attention_linears(v: VisionShapes) -> dict[str, list[tuple[int, int]]]:
+    """Every family's vision blocks: the fused query/key/value projection and the output one."""
+    return {"qkv": [(v.hidden, 3 * v.hidden)] * v.depth, "proj": [(v.hidden, v.hidden)] * v.depth}
+
+
+def merger_linears(v: VisionShapes) -> list[tuple[int, int]]:
+    """One merger: merge x merge patches' states in, the language model's width out."""
+    m = v.hidden * v.merge ** 2
+    return [(m, m), (m, v.out)]
+
+
 class UnsupportedModel(ValueError):
     """The model's family is none vqa serves."""

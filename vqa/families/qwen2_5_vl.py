@@ -3,7 +3,7 @@ tower of 32 blocks attending in 112-pixel windows (full attention in four), a ga
 each block: its gate/up/down projections share the language model's names, so the default LoRA
 targets land in the vision tower too. The family the peak-VRAM model was fitted to."""
 
-from vqa.families.base import Family, VisionShapes
+from vqa.families.base import Family, VisionShapes, attention_linears, merger_linears
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -16,12 +16,9 @@ def vision_shapes(vision) -> VisionShapes:
 
 
 def vision_linears(v: VisionShapes) -> dict[str, list[tuple[int, int]]]:
-    m = v.hidden * v.merge ** 2
-    return {"qkv": [(v.hidden, 3 * v.hidden)] * v.depth, "proj": [(v.hidden, v.hidden)] * v.depth,
-            "gate_proj": [(v.hidden, v.intermediate)] * v.depth,
+    return {**attention_linears(v), "gate_proj": [(v.hidden, v.intermediate)] * v.depth,
             "up_proj": [(v.hidden, v.intermediate)] * v.depth,
-            "down_proj": [(v.intermediate, v.hidden)] * v.depth,
-            "merger": [(m, m), (m, v.out)]}
+            "down_proj": [(v.intermediate, v.hidden)] * v.depth, "merger": merger_linears(v)}
 
 
 FAMILY = Family(

@@ -4,7 +4,7 @@ the default LoRA targets (q,k,v,o,gate,up,down) land in the language model only.
 flat and leave the vision tower's shapes to transformers' defaults, which transformers' own
 config class fills in."""
 
-from vqa.families.base import Family, VisionShapes
+from vqa.families.base import Family, VisionShapes, attention_linears, merger_linears
 from vqa.families.qwen2_5_vl import CLIP_MEAN, CLIP_STD
 
 
@@ -15,11 +15,8 @@ def vision_shapes(vision) -> VisionShapes:
 
 
 def vision_linears(v: VisionShapes) -> dict[str, list[tuple[int, int]]]:
-    m = v.hidden * v.merge ** 2
-    return {"qkv": [(v.hidden, 3 * v.hidden)] * v.depth, "proj": [(v.hidden, v.hidden)] * v.depth,
-            "fc1": [(v.hidden, v.intermediate)] * v.depth,
-            "fc2": [(v.intermediate, v.hidden)] * v.depth,
-            "merger": [(m, m), (m, v.out)]}
+    return {**attention_linears(v), "fc1": [(v.hidden, v.intermediate)] * v.depth,
+            "fc2": [(v.intermediate, v.hidden)] * v.depth, "merger": merger_linears(v)}
 
 
 FAMILY = Family(

@@ -5,7 +5,7 @@
 more mergers into the language model's first layers. The default LoRA targets land in the
 language model only (a Qwen3 with q/k norms and interleaved mRoPE)."""
 
-from vqa.families.base import Family, VisionShapes
+from vqa.families.base import Family, VisionShapes, attention_linears, merger_linears
 
 
 def vision_shapes(vision) -> VisionShapes:
@@ -16,10 +16,10 @@ def vision_shapes(vision) -> VisionShapes:
 
 
 def vision_linears(v: VisionShapes) -> dict[str, list[tuple[int, int]]]:
-    m = v.hidden * v.merge ** 2  # the mergers share the blocks' module names
-    return {"qkv": [(v.hidden, 3 * v.hidden)] * v.depth, "proj": [(v.hidden, v.hidden)] * v.depth,
-            "linear_fc1": [(v.hidden, v.intermediate)] * v.depth + [(m, m)] * v.mergers,
-            "linear_fc2": [(v.intermediate, v.hidden)] * v.depth + [(m, v.out)] * v.mergers}
+    fc1, fc2 = merger_linears(v)  # the mergers share the blocks' module names
+    return {**attention_linears(v),
+            "linear_fc1": [(v.hidden, v.intermediate)] * v.depth + [fc1] * v.mergers,
+            "linear_fc2": [(v.intermediate, v.hidden)] * v.depth + [fc2] * v.mergers}
 
 
 FAMILY = Family(
