@@ -46,21 +46,12 @@ def test_visual_tokens_are_each_familys_own_processors(model_type, size):
     family = family_for(model_type)
     for min_pixels, max_pixels in ((family.min_pixels, family.max_pixels),
                                    (family.min_pixels, 1003520), tiny.tiny_pixels(model_type)):
-        processor = _image_processor(family, min_pixels, max_pixels)
+        processor = family.image_processor(min_pixels, max_pixels)
         grid = processor(images=[Image.new("RGB", size)], return_tensors="pt")["image_grid_thw"][0]
         expected = int(grid.prod()) // family.merge_size ** 2
         assert visual_tokens_for(size[1], size[0], min_pixels=min_pixels, max_pixels=max_pixels,
                                  patch_size=family.patch_size,
                                  merge_size=family.merge_size) == expected
-
-
-def _image_processor(family, min_pixels, max_pixels):
-    from transformers import Qwen2VLImageProcessor
-
-    return Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels,
-                                 patch_size=family.patch_size, merge_size=family.merge_size,
-                                 image_mean=list(family.image_mean),
-                                 image_std=list(family.image_std))
 
 
 def test_one_visual_token_is_32_pixels_square_in_qwen3_vl_and_28_before():

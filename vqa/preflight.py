@@ -88,9 +88,10 @@ def preflight_report(config: Config, run: RunPlan) -> dict:
 def run_preflight(config: Config) -> int:
     machine = probe_machine(config.artifacts_dir)
     _log_machine(config, machine)
-    for name in ("train.csv", "test.csv"):  # preflight checks both, whatever the stage needs
-        read_table(config.data_dir / name, with_answer=name == "train.csv")
-    run = make_run_plan(config, machine)
+    # preflight checks both, whatever a stage needs
+    tables = {name: read_table(config.data_dir / name, with_answer=name == "train.csv")
+              for name in ("train.csv", "test.csv")}
+    run = make_run_plan(config, machine, tables=tables)
     if run.processor_problem:
         log.warning("%s; measuring rows with %s", run.processor_problem, run.tokens.source)
     report = preflight_report(config, run)

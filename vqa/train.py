@@ -235,7 +235,8 @@ def train(config: Config) -> dict:
     model = attach_lora(load_model(config, for_training=True), config,
                         uncheckpointed_layers=plan.uncheckpointed_layers,
                         uncheckpointed_attention=plan.uncheckpointed_attention)
-    signature = train_signature(config)  # a hub model is in the cache now: its commit
+    if signature["base_weights"].get("commit", "") is None:
+        signature = train_signature(config)  # the hub model is in the cache now: its commit
     # Rank 0 sets stale checkpoints aside first; the other ranks then only read.
     resume = _checkpoint_to_resume(artifacts / "checkpoints", signature) if here.is_main else None
     distributed.barrier()

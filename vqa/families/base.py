@@ -66,16 +66,22 @@ class Family:
                                          f"modeling_{self.transformers_module}")
         return getattr(module, self.model_class)
 
+    def image_processor(self, min_pixels: int, max_pixels: int):
+        """The family's image processor (every family's is Qwen2-VL's class, with its own
+        patch, merge and normalisation) with these pixel bounds."""
+        from transformers import Qwen2VLImageProcessor
+
+        return Qwen2VLImageProcessor(
+            min_pixels=min_pixels, max_pixels=max_pixels, patch_size=self.patch_size,
+            merge_size=self.merge_size, image_mean=list(self.image_mean),
+            image_std=list(self.image_std))
+
     def processor(self, tokenizer, min_pixels: int, max_pixels: int, chat_template: str):
         """The family's own processor over `tokenizer`, with these pixel bounds."""
         import transformers
 
-        image_processor = transformers.Qwen2VLImageProcessor(
-            min_pixels=min_pixels, max_pixels=max_pixels, patch_size=self.patch_size,
-            merge_size=self.merge_size, image_mean=list(self.image_mean),
-            image_std=list(self.image_std))
         return getattr(transformers, self.processor_class)(
-            image_processor=image_processor, tokenizer=tokenizer,
+            image_processor=self.image_processor(min_pixels, max_pixels), tokenizer=tokenizer,
             video_processor=getattr(transformers, self.video_processor_class)(),
             chat_template=chat_template)
 
