@@ -29,9 +29,9 @@ planner's own choices for a card of that size, each measured under that cap emul
 torch.cuda.set_per_process_memory_fraction: they must not run out of memory, and the report shows
 how much of the cap they use and what the memory buys: the planned training step (with its
 UNCHECKPOINTED_LAYERS and UNCHECKPOINTED_ATTENTION) is timed against the same micro-batch with
-every layer checkpointed. A scoring batch above MAX_PRED_BATCH (e.g. BENCH_BATCHES="score=1388")
-is also timed on the same rows in batches of MAX_PRED_BATCH, the ceiling the planner keeps
-because of it.
+every layer checkpointed (18 more steps; BENCH_STEP_TIMES=0 skips that). A scoring batch
+above MAX_PRED_BATCH (e.g. BENCH_BATCHES="score=1388") is also timed on the same rows in
+batches of MAX_PRED_BATCH, the ceiling the planner keeps because of it.
 
 --dry-run --model-dir DIR runs the same grid on CPU with a local model (the embedded tiny one):
 every code path but the CUDA measurement, for the test suite.
@@ -309,7 +309,8 @@ def train_phase(settings, model_name, cases, setting, record, cuda, cap_bytes, a
             measured = measure(steps.run(rows[:batch], kept), cuda,
                                cap_bytes if planned else None)
             speed = (step_seconds(steps, rows[:batch], kept)
-                     if any(kept) and not measured["oom"] else None)
+                     if settings.bench_step_times and any(kept) and not measured["oom"]
+                     else None)
             record(model_name, name, "train", batch, config, tokens, shapes, measured, planned,
                    kept, speed)
         if settings.bench_uncheckpointed:

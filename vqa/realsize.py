@@ -50,10 +50,15 @@ def real_size_config(model_name: str, tokenizer):
 
 def bench_model_id(name: str) -> str:
     """A BENCH_MODELS entry as a hub id: 7B is Qwen2.5-VL-7B, Qwen3-VL-8B is Qwen3-VL-8B's
-    Instruct checkpoint, a full id stays as it is (architectures.json must hold it)."""
+    Instruct checkpoint, Qwen3.5-4B is Qwen/Qwen3.5-4B, a full id stays as it is
+    (architectures.json must hold it)."""
     if "/" in name:
         return name
-    return f"Qwen/{name}-Instruct" if name.startswith("Qwen") else f"Qwen/Qwen2.5-VL-{name}-Instruct"
+    if not name.startswith("Qwen"):
+        return f"Qwen/Qwen2.5-VL-{name}-Instruct"
+    # Qwen3.5's checkpoints have no -Instruct suffix
+    return f"Qwen/{name}" if f"Qwen/{name}" in published_architectures()["models"] \
+        else f"Qwen/{name}-Instruct"
 
 
 def build_random_model(model_name: str, folder: Path, seed: int = 0) -> Path:

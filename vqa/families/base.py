@@ -1,14 +1,16 @@
-"""What a model family is to vqa: the few facts in which Qwen2-VL, Qwen2.5-VL and Qwen3-VL differ.
+"""What a model family is to vqa: the few facts in which Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5
+differ.
 
 Everything else (the data, the planner, training, prediction, the journal, the reports) is the
-same for every family. A family module (qwen2_vl.py, qwen2_5_vl.py, qwen3_vl.py) defines one
-`Family`; vqa/families/__init__.py lists them. Adding a family is one such file, its entries in
-vqa/planning/architectures.json, and its measured rows in vqa/planning/calibration.csv.
+same for every family. A family module (qwen2_vl.py, qwen2_5_vl.py, qwen3_vl.py, qwen3_5.py)
+defines one `Family`; vqa/families/__init__.py lists them. Adding a family is one such file, its
+entries in vqa/planning/architectures.json, and its measured rows in
+vqa/planning/calibration.csv (with the coefficients refitted on them, `peak_coefficients`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 
@@ -53,6 +55,22 @@ class Family:
     # merger's output width (the language model's hidden size)
     tiny_vision: dict
     vision_out_key: str = "out_hidden_size"
+    # The language model's Linears by module name, from its text config, where its layers are
+    # not all Qwen2's attention + MLP (Qwen3.5's linear-attention layers); None = decoder_linears.
+    text_linears: Callable[[object], dict[str, list[tuple[int, int]]]] | None = None
+    # Decoder layers with a KV cache (full attention), from the text config; None = all of them.
+    attention_layers: Callable[[object], int] | None = None
+    # What the tiny text config of the CPU tests adds for this family (vqa/tiny.py).
+    tiny_text: dict | None = None
+    # The peak-VRAM model's coefficients refitted on this family's own measured rows, by name
+    # (vqa/planning/peaks.py: DEFAULTS; the rows in vqa/planning/calibration.csv).
+    peak_coefficients: dict[str, float] = field(default_factory=dict)
+    # Whether the planner may keep decoder layers' activations (UNCHECKPOINTED_*), and why not.
+    keeps_activations: bool = True
+    keeps_reason: str = ""
+    # A share of memory planned free beyond the uncalibrated margin, and why (one clause).
+    extra_margin: float = 0.0
+    margin_reason: str = ""
 
     @property
     def pixels_per_token(self) -> int:
@@ -84,6 +102,17 @@ class Family:
             image_processor=self.image_processor(min_pixels, max_pixels), tokenizer=tokenizer,
             video_processor=getattr(transformers, self.video_processor_class)(),
             chat_template=chat_template)
+
+
+def decoder_linears(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+                    head_dim: int) -> dict[str, list[tuple[int, int]]]:
+    """Qwen2's and Qwen3's decoder layers: attention projections and a gated MLP in each."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    return {"q_proj": [(hidden, q)] * layers, "k_proj": [(hidden, kv)] * layers,
+            "v_proj": [(hidden, kv)] * layers, "o_proj": [(q, hidden)] * layers,
+            "gate_proj": [(hidden, intermediate)] * layers,
+            "up_proj": [(hidden, intermediate)] * layers,
+            "down_proj": [(intermediate, hidden)] * layers}
 
 
 def attention_linears(v: VisionShapes) -> dict[str, list[tuple[int, int]]]:

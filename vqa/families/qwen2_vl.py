@@ -24,7 +24,10 @@ FAMILY = Family(
     model_class="Qwen2VLModel", processor_class="Qwen2VLProcessor",
     video_processor_class="Qwen2VLVideoProcessor", patch_size=14, merge_size=2, min_pixels=3136,
     max_pixels=12845056, image_mean=CLIP_MEAN, image_std=CLIP_STD, windowed_vision=False,
-    calibrated=False, vision_shapes=vision_shapes, vision_linears=vision_linears,
+    calibrated=True, vision_shapes=vision_shapes, vision_linears=vision_linears,
+    # its vision tower attends over whole images in every block: more held per patch in
+    # training than Qwen2.5-VL's windows (the 7B's rows of calibration.csv)
+    peak_coefficients={"TRAIN_BYTES_PER_PATCH_UNIT": 4.55},
     tiny_vision=dict(depth=2, embed_dim=64, mlp_ratio=2, num_heads=4, hidden_act="quick_gelu",
                      in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                      initializer_range=0.02), vision_out_key="hidden_size")

@@ -49,7 +49,21 @@ INFER_PATCH_SCALE = 17.3  # x the vision tower's bf16 hidden state, per patch of
 VISION_RESERVED_RATIO = 1.14  # reserve over the transient (non-weight) part, vision phase
 SCORE_RESERVED_RATIO = 1.16  # the same, the language model's phase of one-pass scoring
 GENERATE_RESERVED_RATIO = 1.04  # the same for generate
-PIXEL_VALUES_PER_PATCH = 3 * 2 * 14 * 14  # channels x temporal patch x 14 x 14 pixels
+# What Qwen2.5-VL does not have, zero for it: x the language model's bf16 hidden state, per
+# visual token of the batch (Qwen3-VL's DeepStack features, held into the language model's
+# phase, and their copies in the layers they are added to).
+INFER_VISUAL_TOKEN_SCALE = 0.0
+INFER_VISION_VISUAL_TOKEN_SCALE = 0.0  # the same in the vision tower's phase (features made so far)
+# The coefficients above by name; a family refits some on its own measured rows
+# (Family.peak_coefficients in vqa/families/, the rows in calibration.csv).
+DEFAULTS = {name: value for name, value in dict(globals()).items()
+            if name.isupper() and name.startswith(("TRAIN_", "INFER_"))
+            or name.endswith("_RESERVED_RATIO")}
+
+
+def pixel_values_per_patch(arch: Architecture) -> int:
+    """Channels x temporal patch x the patch's pixels (14 x 14 in Qwen2/2.5-VL, 16 x 16 after)."""
+    return 3 * 2 * arch.patch ** 2
 
 
 @dataclass
@@ -64,6 +78,13 @@ class Estimate:
         return {"allocated_gib": round(self.allocated / GIB, 3),
                 "reserved_gib": round(self.reserved / GIB, 3),
                 "terms_gib": {k: round(v / GIB, 3) for k, v in self.terms.items()}}
+
+
+def coefficients_for(arch: Architecture) -> dict[str, float]:
+    """The coefficients for `arch`: the defaults, with its family's own fits over them."""
+    from vqa.families import family_for
+
+    return {**DEFAULTS, **family_for(arch.family).peak_coefficients}
 
 
 def _weights(arch: Architecture, quant: str) -> float:
@@ -83,6 +104,7 @@ def train_peak(arch: Architecture, *, tokens: int, patches: int, lora_r: int, lo
     sequence length (tokens / rows; None = one row of `tokens`). `uncheckpointed`: decoder
     layers (the last ones) that keep their activations instead of recomputing them;
     `attention_kept`: layers below those that keep their attention's and recompute their MLP."""
+    c = coefficients_for(arch)
     lora = arch.lora_params(lora_r, lora_targets)
     upcast = quant == "4bit" and fp32_casts
     kept = min(uncheckpointed, arch.layers)
@@ -90,11 +112,11 @@ def train_peak(arch: Architecture, *, tokens: int, patches: int, lora_r: int, lo
     # The backward pass frees the un-checkpointed (last) layers' activations before it recomputes
     # the first checkpointed layer, so the peak holds one or the other, not both. The layers
     # that keep only their attention's sit below them and hold it until their own backward.
-    recomputed = TRAIN_ACTIVATION_SCALE * tokens * 12 * arch.intermediate
-    layer_activations = max(recomputed, kept * tokens * TRAIN_KEPT_LAYER_SCALE * 2
+    recomputed = c["TRAIN_ACTIVATION_SCALE"] * tokens * 12 * arch.intermediate
+    layer_activations = max(recomputed, kept * tokens * c["TRAIN_KEPT_LAYER_SCALE"] * 2
                             * (10 * arch.hidden + 5 * arch.intermediate))
     kv_width = arch.kv_heads * arch.head_dim
-    attention_activations = (attention * tokens * TRAIN_KEPT_ATTENTION_SCALE * 2
+    attention_activations = (attention * tokens * c["TRAIN_KEPT_ATTENTION_SCALE"] * 2
                              * (12 * arch.hidden + 2 * kv_width))
     terms = {
         "base weights (4-bit NF4)" if quant == "4bit" else "base weights (bf16)":
@@ -105,16 +127,16 @@ def train_peak(arch: Architecture, *, tokens: int, patches: int, lora_r: int, lo
         "LoRA weights, gradients, AdamW states (fp32)": lora * 16,
         "dequantized weight buffers": 2 * arch.hidden * arch.intermediate * 2,
         # the residual stream saved at each layer (fp32 behind fp32 embeddings, else bf16)
-        "checkpointed activations": TRAIN_ACTIVATION_SCALE * tokens
+        "checkpointed activations": c["TRAIN_ACTIVATION_SCALE"] * tokens
         * (4 if upcast else 2) * arch.layers * arch.hidden,
         # one layer's MLP recomputed, or the un-checkpointed layers' activations
         "layer activations in the backward pass": layer_activations,
         "attention activations kept (MLP recomputed)": attention_activations,
         "language model attention scores": tokens * (length or tokens) * arch.heads
-        * TRAIN_BYTES_PER_SCORE,
+        * c["TRAIN_BYTES_PER_SCORE"],
         "logits and loss": (tokens if logit_rows is None else logit_rows) * arch.vocab
-        * TRAIN_BYTES_PER_LOGIT,
-        "vision tower activations": patches * TRAIN_BYTES_PER_PATCH_UNIT * arch.vision_depth
+        * c["TRAIN_BYTES_PER_LOGIT"],
+        "vision tower activations": patches * c["TRAIN_BYTES_PER_PATCH_UNIT"] * arch.vision_depth
         * arch.vision_hidden,
     }
     allocated = sum(terms.values())
@@ -123,7 +145,7 @@ def train_peak(arch: Architecture, *, tokens: int, patches: int, lora_r: int, lo
     # recomputed layer.
     activations = terms["checkpointed activations"] + recomputed + sum(
         terms[k] for k in ("vision tower activations", "language model attention scores"))
-    terms["allocator reserve"] = activations * TRAIN_RESERVE_OF_ACTIVATIONS
+    terms["allocator reserve"] = activations * c["TRAIN_RESERVE_OF_ACTIVATIONS"]
     return Estimate(allocated, allocated + terms["allocator reserve"], terms)
 
 
@@ -161,6 +183,7 @@ def infer_phases(arch: Architecture, *, batch: int, tokens: int, vision_patches:
     model. Each phase's estimate; the batch's pixels are held through both."""
     from vqa.speed import MLP_CHUNK_TOKENS
 
+    c = coefficients_for(arch)
     batch_patches = vision_patches if batch_patches is None else batch_patches
     input_embeddings = arch.vocab * arch.hidden
     static = {
@@ -171,33 +194,37 @@ def infer_phases(arch: Architecture, *, batch: int, tokens: int, vision_patches:
         "lm_head (bf16)": 0 if mode == "score" else (arch.embedding_params - input_embeddings) * 2,
         "LoRA weights (bf16)": arch.lora_params(lora_r, lora_targets) * 2,
     }
-    pixels = batch_patches * PIXEL_VALUES_PER_PATCH * 2  # held through both phases
+    pixels = batch_patches * pixel_values_per_patch(arch) * 2  # held through both phases
     vision = {
         "the batch's input embeddings": tokens * arch.hidden * 2,
         "merged visual tokens": batch_patches / arch.merge ** 2 * arch.vision_out * 2,
-        "vision tower activations (one chunk)": vision_patches * INFER_PATCH_SCALE * 2
+        "visual tokens' extra activations": batch_patches / arch.merge ** 2
+        * c["INFER_VISION_VISUAL_TOKEN_SCALE"] * 2 * arch.hidden,
+        "vision tower activations (one chunk)": vision_patches * c["INFER_PATCH_SCALE"] * 2
         * arch.vision_hidden,
     }
     length = tokens / max(batch, 1)
     language = {
         # the fused MLP's dense gate, up and down, and one more while the next is made
         "dense MLP weights": 4 * arch.hidden * arch.intermediate * 2,
-        "decoder activations": tokens * INFER_TOKEN_SCALE * 2 * arch.hidden,
+        "decoder activations": tokens * c["INFER_TOKEN_SCALE"] * 2 * arch.hidden,
+        "visual tokens' extra activations": batch_patches / arch.merge ** 2
+        * c["INFER_VISUAL_TOKEN_SCALE"] * 2 * arch.hidden,
         # SDPA's masked kernel under left padding: one layer's scores, batch x heads x L x L
         "language model attention scores": batch * arch.heads * length ** 2
-        * INFER_BYTES_PER_SCORE,
+        * c["INFER_BYTES_PER_SCORE"],
         "MLP chunk": min(tokens, MLP_CHUNK_TOKENS) * 3 * arch.intermediate * 2,
         "last-position logits (fp32)": batch * (4 if mode == "score" else arch.vocab) * 4,
     }
     if mode == "generate":
-        language["KV cache"] = (batch * (length + max_new_tokens) * arch.layers * 2
+        language["KV cache"] = (batch * (length + max_new_tokens) * arch.attention_layers * 2
                                 * arch.kv_heads * arch.head_dim * 2)
     weights = sum(static.values())
     phases = {}
     for name, terms, ratio in (
-            ("vision tower", vision, VISION_RESERVED_RATIO),
+            ("vision tower", vision, c["VISION_RESERVED_RATIO"]),
             ("language model", language,
-             SCORE_RESERVED_RATIO if mode == "score" else GENERATE_RESERVED_RATIO)):
+             c["SCORE_RESERVED_RATIO" if mode == "score" else "GENERATE_RESERVED_RATIO"])):
         transient = pixels + sum(terms.values())
         phases[name] = Estimate(weights + transient, weights + transient * ratio,
                                 {**static, "pixel values (bf16)": pixels, **terms,

@@ -160,11 +160,14 @@ def _most_that_fit(peak, most: int, limit: float) -> tuple[int, float, float | N
     return fits, at, None
 
 
-def _kept(knob: str, user: int | None, peak, most: int, limit: float) -> Decision:
+def _kept(knob: str, user: int | None, peak, most: int, limit: float,
+          keeps: bool = True) -> Decision:
     """UNCHECKPOINTED_LAYERS or UNCHECKPOINTED_ATTENTION: the user's, else as many as the
-    memory left holds, up to `most`."""
+    memory left holds, up to `most`; none where the family's layers may not be kept (`keeps`)."""
     if user is not None:
         return Decision(knob, user, "user", reserved_gib=round(peak(user) / GIB, 2), of=most)
+    if not keeps:
+        return Decision(knob, 0, "family", "family", round(peak(0) / GIB, 2), of=most)
     count, at, following = _most_that_fit(peak, most, limit)
     if following is None:
         return Decision(knob, count, "memory", "whole", round(at / GIB, 2), of=most)
@@ -174,7 +177,8 @@ def _kept(knob: str, user: int | None, peak, most: int, limit: float) -> Decisio
 
 def margin_for(arch: Architecture) -> float:
     """The share of the usable memory the plan keeps free for the peak model's error."""
-    return PLAN_MARGIN if family_for(arch.family).calibrated else UNCALIBRATED_MARGIN
+    family = family_for(arch.family)
+    return (PLAN_MARGIN if family.calibrated else UNCALIBRATED_MARGIN) + family.extra_margin
 
 
 def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget,
@@ -191,7 +195,8 @@ def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget
     family = family_for(arch.family)
     plan.budget = {"name": budget.name, "usable_gib": round(budget.usable_bytes / GIB, 2),
                    "planned_gib": round(limit / GIB, 2), "margin": margin,
-                   "family": family.name, "calibrated": family.calibrated}
+                   "family": family.name, "calibrated": family.calibrated,
+                   "margin_reason": family.margin_reason, "keeps_reason": family.keeps_reason}
     plan.candidates = (
         [{"work": "train", "batch": b, **e.gib()} for b, e in train.items()]
         + [{"work": config.infer_mode, "batch": b, **infer[b].gib()}
@@ -203,13 +208,14 @@ def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget
     pred = _grown("PRED_BATCH_SIZE", best_pred, config.pred_batch_size, infer, limit, rows,
                   "whole" if ceiling == rows else "ceiling")
     batch = micro.value
+    keeps = family.keeps_activations
     layers = _kept("UNCHECKPOINTED_LAYERS", config.uncheckpointed_layers,
                    lambda k: train_estimate(config, arch, work, batch, k).reserved, arch.layers,
-                   limit if best_train else 0)
+                   limit if best_train else 0, keeps)
     kept = min(layers.value, arch.layers)
     attention = _kept("UNCHECKPOINTED_ATTENTION", config.uncheckpointed_attention,
                       lambda j: train_estimate(config, arch, work, batch, kept, j).reserved,
-                      arch.layers - kept, limit if best_train else 0)
+                      arch.layers - kept, limit if best_train else 0, keeps)
     plan.decisions = [asdict(d) for d in (micro, layers, attention, pred)]
     # A user's batch may lie outside the candidates (not a divisor, or beyond the ceiling).
     train_at = train_estimate(config, arch, work, batch, layers.value, attention.value)

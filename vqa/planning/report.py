@@ -39,6 +39,8 @@ def reason(d: dict, plan: dict) -> str:
                                      if knob == "PER_DEVICE_BATCH" else "")
     if source == "fallback":
         return f"{head}: no architecture to plan from (a conservative default)"
+    if source == "family":
+        return f"{head}: every decoder layer is checkpointed: {plan['budget']['keeps_reason']}"
     planned = plan["budget"]["planned_gib"]
     if d["stop"] == "nothing fits":
         return f"{head}: nothing fits; see the suggested MAX_PIXELS"
@@ -82,6 +84,8 @@ def budget_line(plan: dict) -> str | None:
         return None
     why = ("" if b.get("calibrated", True) else
            f": the peak-VRAM model is not yet checked on {b['family']}'s own measured peaks")
+    if b.get("margin_reason"):
+        why += f", and {b['margin_reason']}" if why else f": {b['margin_reason']}"
     return (f"{b['name']}: {b['usable_gib']:.1f} GiB usable after the CUDA context, planned to "
             f"{b['planned_gib']:.1f} GiB ({b['margin']:.0%} margin{why})")
 

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from vqa.families import family_for
-from vqa.families.base import VisionShapes
+from vqa.families.base import VisionShapes, decoder_linears
 
 
 def smart_resize(height: int, width: int, *, factor: int = 28, min_pixels: int,
@@ -64,6 +64,11 @@ class Architecture:
     vision_out: int
     merge: int
     vision_mergers: int = 1  # the merger, plus DeepStack's
+    patch: int = 14  # the vision tower's patch side, in pixels
+    # Decoder layers with a KV cache (0 = every layer), and the language model's Linears where
+    # its family says (Qwen3.5's linear-attention layers), as (name, ((in, out), ...)) pairs.
+    attention_layer_count: int = 0
+    text_linear_shapes: tuple = ()
 
     @classmethod
     def from_config(cls, name: str, config: dict) -> "Architecture":
@@ -80,6 +85,7 @@ class Architecture:
         # Untied Qwen3-VL-8B/32B say so only at the top level, not in text_config.
         tied = config.get("tie_word_embeddings",
                           (config.get("text_config") or {}).get("tie_word_embeddings", False))
+        text_linears = family.text_linears(text) if family.text_linears else {}
         return cls(
             name=name, family=model_type, hidden=text.hidden_size,
             intermediate=text.intermediate_size, layers=text.num_hidden_layers,
@@ -89,7 +95,16 @@ class Architecture:
                       or text.hidden_size // text.num_attention_heads),
             vocab=text.vocab_size, tied=bool(tied), vision_depth=vision.depth,
             vision_hidden=vision.hidden, vision_intermediate=vision.intermediate,
-            vision_out=vision.out, merge=vision.merge, vision_mergers=vision.mergers)
+            vision_out=vision.out, merge=vision.merge, vision_mergers=vision.mergers,
+            patch=parsed.vision_config.patch_size,
+            attention_layer_count=(family.attention_layers(text) if family.attention_layers
+                                   else 0),
+            text_linear_shapes=tuple((k, tuple(v)) for k, v in text_linears.items()))
+
+    @property
+    def attention_layers(self) -> int:
+        """Decoder layers that attend over the whole sequence (and keep a KV cache)."""
+        return self.attention_layer_count or self.layers
 
     @property
     def vision(self) -> VisionShapes:
@@ -99,12 +114,9 @@ class Architecture:
     def linears(self) -> dict[str, list[tuple[int, int]]]:
         """(in, out) of every Linear by its module name: the language model's, then the vision
         tower's (its family's); bitsandbytes quantizes all of them."""
-        h, q, kv, lm = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, \
-            self.layers
-        found = {"q_proj": [(h, q)] * lm, "k_proj": [(h, kv)] * lm, "v_proj": [(h, kv)] * lm,
-                 "o_proj": [(q, h)] * lm, "gate_proj": [(h, self.intermediate)] * lm,
-                 "up_proj": [(h, self.intermediate)] * lm,
-                 "down_proj": [(self.intermediate, h)] * lm}
+        found = ({k: list(v) for k, v in self.text_linear_shapes} if self.text_linear_shapes
+                 else decoder_linears(self.hidden, self.intermediate, self.layers, self.heads,
+                                      self.kv_heads, self.head_dim))
         for name, shapes in family_for(self.family).vision_linears(self.vision).items():
             found[name] = found.get(name, []) + shapes
         return found
