@@ -96,6 +96,23 @@ def test_train_eval_submit_and_reload(run_dir):
     submission = pd.read_csv(run_dir / "submission.csv", dtype=str)
     assert sorted(submission["id"]) == sorted(test["id"]) and set(submission["answer"]) <= set("abcd")
     assert report["unparsed_generations_resolved_by_scoring"] <= len(test)
+    letters_only = pd.read_csv(run_dir / "probabilities.csv", dtype=str)  # no probabilities
+    assert list(letters_only["answer"]) == list(submission["answer"])
+    assert letters_only["p_a"].isna().sum() >= len(test) - report[
+        "unparsed_generations_resolved_by_scoring"]
+
+    # TTA=rotate in eval: each row under its 4 option shifts; CircularEval needs every shift
+    # right, the unshifted one included, so it is at most the plain accuracy.
+    rotated = evaluate(_config(run_dir, "TTA=rotate"))
+    v = rotated["validation"]
+    assert v["circular_accuracy"] <= v["plain_accuracy"] and v["accuracy"] == v["rotated_accuracy"]
+    plain = evaluate(config)["validation"]["accuracy"]
+    assert abs(v["plain_accuracy"] - plain) <= 1 / 16  # other batches: a near-tie may flip
+    assert sum(v["predicted_letters"].values()) == pytest.approx(1)
+    probs = pd.read_csv(run_dir / "validation_probabilities.csv", dtype={"id": str})
+    assert len(probs) == 16 and set(probs["true"]) <= set("abcd")
+    assert ((probs[["p_a", "p_b", "p_c", "p_d"]].sum(axis=1) - 1).abs() < 1e-4).all()
+    assert (run_dir / "letter_bias.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
@@ -125,8 +142,10 @@ def test_scripts_run_from_the_command_line(run_dir):
 
 
 @pytest.mark.slow
-def test_submit_killed_mid_run_resumes_without_loss_or_duplicates(run_dir, tmp_path):
-    """SIGKILL a running `submit`, rerun it: every test id once, finished rows not redone."""
+@pytest.mark.parametrize("tta", ["none", "rotate"])
+def test_submit_killed_mid_run_resumes_without_loss_or_duplicates(run_dir, tmp_path, tta):
+    """SIGKILL a running `submit`, rerun it: every test id once, finished rows not redone;
+    under TTA=rotate every option shift of every row asked once; probabilities.csv sums to 1."""
     import signal
     import time
 
@@ -136,9 +155,10 @@ def test_submit_killed_mid_run_resumes_without_loss_or_duplicates(run_dir, tmp_p
         if (run_dir / name).exists():
             shutil.copytree(run_dir / name, artifacts / name)
     args = [sys.executable, "scripts/submit.py", f"ARTIFACTS_DIR={artifacts}",
-            f"DATA_DIR={run_dir / 'data'}", "PRED_BATCH_SIZE=4"]
+            f"DATA_DIR={run_dir / 'data'}", "PRED_BATCH_SIZE=4", f"TTA={tta}"]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     journal = artifacts / "predictions.journal.jsonl"
+    asked = 48 * (4 if tta == "rotate" else 1)
 
     slow = subprocess.Popen(args, cwd=ROOT, env={**env, "VQA_FAULT_SLEEP_PER_BATCH": "0.5"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -150,19 +170,27 @@ def test_submit_killed_mid_run_resumes_without_loss_or_duplicates(run_dir, tmp_p
     slow.send_signal(signal.SIGKILL)
     slow.wait()
     journalled = len(journal.read_text().splitlines()) - 1
-    assert 8 < journalled < 48, "the kill should land mid-run"
+    assert 8 < journalled < asked, "the kill should land mid-run"
     assert not (artifacts / "submission.csv").exists()
 
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert f"resuming: {journalled} of 48 test rows already predicted" in done.stderr
+    what = "test rows" if tta == "none" else "rows asked (4 option shifts a row)"
+    assert f"resuming: {journalled} of {asked} {what} already predicted" in done.stderr
     submission = pd.read_csv(artifacts / "submission.csv", dtype=str)
     test = pd.read_csv(run_dir / "data" / "test.csv", dtype=str)
     assert sorted(submission["id"]) == sorted(test["id"]) and submission["id"].is_unique
     ids = [json.loads(line)["id"] for line in journal.read_text().splitlines()[1:]]
-    assert len(ids) == len(set(ids)) == 48  # nothing predicted twice
+    assert len(ids) == len(set(ids)) == asked  # nothing predicted twice
     report = json.loads((artifacts / "submit_report.json").read_text())
-    assert report["resumed_rows"] == journalled
+    assert report["resumed_rows"] == journalled and report["tta"] == tta
+    probs = pd.read_csv(artifacts / "probabilities.csv", dtype={"id": str})
+    assert list(probs["id"]) == list(submission["id"])
+    columns = ["p_a", "p_b", "p_c", "p_d"]
+    assert ((probs[columns].sum(axis=1) - 1).abs() < 1e-4).all()
+    picked = probs[columns].to_numpy().argmax(axis=1)
+    assert list(probs["answer"]) == list(submission["answer"]) == ["abcd"[k] for k in picked]
+    assert (probs["margin"] >= 0).all()
 
 
 @pytest.mark.slow

@@ -65,6 +65,7 @@ class Config:
     pred_batch_size: int | None = None  # None = the planner's choice
     max_new_tokens: int = 16
     infer_mode: Literal["score", "generate"] = "score"
+    tta: Literal["none", "rotate"] = "none"  # rotate: each row under its 4 option shifts
     # planning for a card other than the one at hand (preflight's peak-VRAM model)
     target_gpu: str = ""  # a name from vqa/planning/gpus.json, e.g. A10G, L4, T4, A100-40GB
     target_gpu_memory: str = ""  # e.g. 24GiB; wins over TARGET_GPU
@@ -176,6 +177,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"DATALOADER_WORKERS={config.dataloader_workers}: must be 0 or more")
     if config.lr <= 0:
         raise ConfigError(f"LR={config.lr}: must be positive")
+    if config.tta == "rotate" and config.infer_mode != "score":
+        raise ConfigError("TTA=rotate averages letter probabilities: it needs INFER_MODE=score")
     try:
         target_card(config.target_gpu, config.target_gpu_memory)
     except ValueError as exc:

@@ -16,6 +16,8 @@ from vqa.config import Config
 from vqa.data import LETTERS, read_table
 from vqa.io import save_figure_atomic, write_json_atomic
 from vqa.model import load_for_inference, load_processor
+from vqa.options import (argmax_letter, circular_accuracy, expanded, final_answers,
+                         letter_shares, per_shift, write_probabilities)
 from vqa.predict import accuracy, accuracy_by, predict_rows
 from vqa.planning.runplan import stage_plan
 from vqa.train import split_rows
@@ -69,32 +71,47 @@ def evaluate(config: Config) -> dict:
     model, source = load_for_inference(config, adapter, processor, mode="score")
     log.info("evaluating %s", source)
 
-    def run(rows, blank=False, desc="eval"):
-        return predict_rows(model, processor, rows, config.data_dir, batch_size=batch,
-                            mode="score", blank_images=blank, desc=desc,
-                            workers=config.loader_workers()).answers
+    def run(rows, blank=False, desc="eval", tta="none"):
+        """The rows' answers and option probabilities; under TTA=rotate also each shift's."""
+        asked = expanded(rows, tta)
+        result = predict_rows(model, processor, asked, config.data_dir, batch_size=batch,
+                              mode="score", blank_images=blank, desc=desc,
+                              workers=config.loader_workers())
+        answers, probs = final_answers(rows, result.answers, result.letter_probs, tta)
+        return answers, probs, per_shift(rows, result.letter_probs, tta)
 
-    val_answers = run(val_rows, desc="validation")
+    val_answers, val_probs, val_shifts = run(val_rows, desc="validation", tta=config.tta)
     matrix = confusion(val_rows, val_answers)
     report = {
         "model": source,
+        "tta": config.tta,
         "validation": {
             "rows": len(val_rows),
             "accuracy": accuracy(val_rows, val_answers),
             "per_letter": accuracy_by(val_rows, val_answers, "answer"),
             "confusion_matrix": {"rows_true_cols_predicted": LETTERS, "counts": matrix.tolist()},
+            **position_bias(val_rows, val_answers, val_shifts, config.tta),
         },
     }
+    write_probabilities(config.artifacts_dir / "validation_probabilities.csv",
+                        [r["id"] for r in val_rows], val_answers, val_probs,
+                        {r["id"]: r["answer"] for r in val_rows})
     plot_confusion(matrix, f"validation ({len(val_rows)} rows)",
                    config.artifacts_dir / "confusion_matrix.png")
-    log.info("validation accuracy %.3f on %d rows", report["validation"]["accuracy"], len(val_rows))
+    plot_letter_shares(report["validation"], config.artifacts_dir / "letter_bias.png")
+    v = report["validation"]
+    log.info("validation accuracy %.3f on %d rows (TTA=%s)%s", v["accuracy"], len(val_rows),
+             config.tta, "" if config.tta == "none" else
+             f"; plain {v['plain_accuracy']:.3f}, rotated {v['rotated_accuracy']:.3f}, "
+             f"circular {v['circular_accuracy']:.3f}")
 
     test_rows = test_rows_with_key(config)
     if test_rows:
-        answers = run(test_rows, desc="test")
-        blank = run(test_rows, blank=True, desc="test, blank images")
+        answers, _, shifts = run(test_rows, desc="test", tta=config.tta)
+        blank = run(test_rows, blank=True, desc="test, blank images")[0]
         report["test"] = {
             "rows": len(test_rows),
+            **position_bias(test_rows, answers, shifts, config.tta),
             "accuracy": accuracy(test_rows, answers),
             "blank_image_accuracy": accuracy(test_rows, blank),
             "per_family": accuracy_by(test_rows, answers, "family"),
@@ -108,6 +125,42 @@ def evaluate(config: Config) -> dict:
     return report
 
 
+def position_bias(rows: list[dict], answers: dict[str, str],
+                  shifts: dict[str, list[list[float]]], tta: str) -> dict:
+    """The predicted letters' shares against the true ones; under TTA=rotate also the plain
+    accuracy (the unshifted options alone), the rotated one and CircularEval's."""
+    out = {"predicted_letters": letter_shares([answers[r["id"]] for r in rows]),
+           "true_letters": letter_shares([r["answer"] for r in rows])}
+    if tta == "rotate":
+        plain = {r["id"]: argmax_letter(shifts[r["id"]][0]) for r in rows}
+        out.update(plain_accuracy=accuracy(rows, plain), rotated_accuracy=accuracy(rows, answers),
+                   circular_accuracy=circular_accuracy(rows, shifts),
+                   plain_predicted_letters=letter_shares(list(plain.values())))
+    return out
+
+
+def plot_letter_shares(stats: dict, path) -> None:
+    """Bars of how often each letter is predicted against how often it is right."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [("true", stats["true_letters"]), ("predicted", stats["predicted_letters"])]
+    if "plain_predicted_letters" in stats:
+        series.insert(1, ("predicted, options as given", stats["plain_predicted_letters"]))
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    width = 0.8 / len(series)
+    for k, (name, shares) in enumerate(series):
+        ax.bar([i + k * width for i in range(4)], [shares[x] for x in LETTERS], width,
+               label=name)
+    ax.set(xticks=[i + 0.4 - width / 2 for i in range(4)], xticklabels=LETTERS,
+           ylabel="share of rows", title="letter bias (validation)")
+    ax.legend(fontsize=8)
+    save_figure_atomic(fig, path)
+    plt.close(fig)
+
+
 def print_test_table(test: dict) -> None:
     print(f"\n{'test accuracy':<22}{'images':>8}{'blank':>8}{'rows':>7}")
     for family, stats in test["per_family"].items():
@@ -115,4 +168,8 @@ def print_test_table(test: dict) -> None:
         print(f"  {family:<20}{stats['accuracy']:>8.3f}{blank:>8.3f}{stats['rows']:>7}")
     print(f"  {'overall':<20}{test['accuracy']:>8.3f}{test['blank_image_accuracy']:>8.3f}"
           f"{test['rows']:>7}")
-    print(f"  images beat blank images by {test['gain_over_blank_points']:+.1f} points\n")
+    print(f"  images beat blank images by {test['gain_over_blank_points']:+.1f} points")
+    if "rotated_accuracy" in test:
+        print(f"  TTA=rotate: plain {test['plain_accuracy']:.3f}, rotated "
+              f"{test['rotated_accuracy']:.3f}, circular {test['circular_accuracy']:.3f}")
+    print()

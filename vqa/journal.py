@@ -19,9 +19,11 @@ from pathlib import Path
 log = logging.getLogger("vqa")
 
 
-def _read(path: Path, signature: dict) -> tuple[dict[str, str], dict[str, str], int] | None:
-    """(answers, text-only notes, bytes of whole lines) of a journal of `signature`; None when
-    the file is missing or belongs to another signature. A line torn by a kill is left out."""
+def _read(path: Path, signature: dict
+          ) -> tuple[dict[str, str], dict[str, str], int, dict[str, list[float]]] | None:
+    """(answers, text-only notes, bytes of whole lines, letter probabilities) of a journal of
+    `signature`; None when the file is missing or belongs to another signature. A line torn by
+    a kill is left out."""
     if not path.is_file():
         return None
     data = path.read_bytes()
@@ -35,12 +37,15 @@ def _read(path: Path, signature: dict) -> tuple[dict[str, str], dict[str, str], 
         return None
     answers: dict[str, str] = {}
     text_only: dict[str, str] = {}
+    probs: dict[str, list[float]] = {}
     for line in lines[1:]:
         entry = json.loads(line)
         answers[entry["id"]] = entry["answer"]
         if "text_only" in entry:
             text_only[entry["id"]] = entry["text_only"]
-    return answers, text_only, len(whole)
+        if "p" in entry:
+            probs[entry["id"]] = entry["p"]
+    return answers, text_only, len(whole), probs
 
 
 class PredictionJournal:
@@ -60,20 +65,22 @@ class PredictionJournal:
                          stale)
             self._start()
             return {}
-        answers, _, whole = found
+        answers, _, whole, _ = found
         if whole != self.path.stat().st_size:
             with open(self.path, "r+b") as handle:
                 handle.truncate(whole)
                 os.fsync(handle.fileno())
         return answers
 
-    def append(self, answers: dict[str, str], text_only: dict[str, str] | None = None) -> None:
-        """Journals one batch; `text_only` notes the rows answered without their image."""
+    def append(self, answers: dict[str, str], text_only: dict[str, str] | None = None,
+               probs: dict[str, list[float]] | None = None) -> None:
+        """Journals one batch; `text_only` notes the rows answered without their image,
+        `probs` the letter probabilities (score mode)."""
         if not answers:
             return
-        text_only = text_only or {}
-        entries = [{"id": i, "answer": a, **({"text_only": text_only[i]} if i in text_only else {})}
-                   for i, a in answers.items()]
+        text_only, probs = text_only or {}, probs or {}
+        entries = [{"id": i, "answer": a, **({"text_only": text_only[i]} if i in text_only else {}),
+                    **({"p": probs[i]} if i in probs else {})} for i, a in answers.items()]
         text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(text)
@@ -96,6 +103,16 @@ def journal_path(main: Path, rank: int) -> Path:
 def rank_journals(main: Path) -> list[Path]:
     main = Path(main)
     return sorted(main.parent.glob(f"{main.stem}.rank*{main.suffix}"))
+
+
+def read_probabilities(main: Path, signature: dict) -> dict[str, list[float]]:
+    """The letter probabilities journalled by every rank (score mode), by row id."""
+    probs: dict[str, list[float]] = {}
+    for path in [Path(main), *rank_journals(main)]:
+        found = _read(path, signature)
+        if found is not None:
+            probs.update(found[3])
+    return probs
 
 
 def read_all(main: Path, signature: dict) -> tuple[dict[str, str], dict[str, str]]:

@@ -98,10 +98,12 @@ FAULTS = FaultInjector()
 def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_size: int,
                  mode: str = "score", max_new_tokens: int = 16, blank_images: bool = False,
                  desc: str = "predict",
-                 on_batch: Callable[[dict[str, str], dict[str, str]], None] | None = None,
+                 on_batch: Callable[[dict[str, str], dict[str, str], dict[str, list[float]]],
+                                    None] | None = None,
                  shard: tuple[int, int] = (0, 1), workers: int = 0) -> Predictions:
-    """Answers every row exactly once; `on_batch` receives each finished batch's answers and
-    the ids among them asked as text only (image unreadable) with the reason.
+    """Answers every row exactly once; `on_batch` receives each finished batch's answers, the
+    ids among them asked as text only (image unreadable) with the reason, and (score mode)
+    their letter probabilities.
 
     A batch that runs out of GPU memory is split in two and retried, down to one row; later
     batches (shorter: rows run longest first) keep the smaller size. A row whose image cannot be
@@ -183,7 +185,8 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
                 if on_batch is not None:
                     ids = [row["id"] for row in chunk]
                     on_batch({i: result.answers[i] for i in ids},
-                             {i: collate.text_only[i] for i in ids if i in collate.text_only})
+                             {i: collate.text_only[i] for i in ids if i in collate.text_only},
+                             {i: result.letter_probs[i] for i in ids if i in result.letter_probs})
                 if _FAULT_SLEEP:  # fault injection for tests: a slow batch leaves time to kill
                     time.sleep(_FAULT_SLEEP)
                 bar.update(len(chunk))

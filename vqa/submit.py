@@ -11,8 +11,9 @@ from vqa import distributed
 from vqa.config import Config
 from vqa.data import read_table
 from vqa.io import file_fingerprint, write_json_atomic
-from vqa.journal import PredictionJournal, journal_path, read_all
+from vqa.journal import PredictionJournal, journal_path, read_all, read_probabilities
 from vqa.model import load_for_inference, load_processor
+from vqa.options import expanded, final_answers, original_ids, write_probabilities
 from vqa.predict import predict_rows
 from vqa.planning.runplan import stage_plan
 from vqa.submission import submission_order, write_submission
@@ -28,6 +29,7 @@ def run_signature(config: Config) -> dict:
         "adapter": file_fingerprint(adapter / "adapter_model.safetensors"),
         "test_csv": file_fingerprint(config.data_dir / "test.csv"),
         "infer_mode": config.infer_mode,
+        "tta": config.tta,
         "max_new_tokens": config.max_new_tokens,
         "quant": config.quant,
         "min_pixels": config.min_pixels,
@@ -67,9 +69,12 @@ def submit(config: Config) -> dict:
     journal.load()  # each rank tidies its own journal (another run's is set aside)
     distributed.barrier()
     done, _ = read_all(main_journal, signature)
-    rows = [r for r in test.to_dict("records") if r["id"] not in done]
+    test_rows = test.to_dict("records")
+    asked = expanded(test_rows, config.tta)  # TTA=rotate: each row under its 4 option shifts
+    rows = [r for r in asked if r["id"] not in done]
     if done:
-        log.info("resuming: %d of %d test rows already predicted (%s)", len(done), len(test),
+        log.info("resuming: %d of %d %s already predicted (%s)", len(done), len(asked),
+                 "test rows" if config.tta == "none" else "rows asked (4 option shifts a row)",
                  main_journal)
     started = time.perf_counter()
     result = predict_rows(model, processor, rows, config.data_dir, batch_size=batch,
@@ -80,13 +85,23 @@ def submit(config: Config) -> dict:
     predict_seconds = time.perf_counter() - started
     if not here.is_main:
         return {}
-    answers, text_only = read_all(main_journal, signature)
+    asked_answers, asked_text_only = read_all(main_journal, signature)
+    answers, probs = final_answers(test_rows, asked_answers,
+                                   read_probabilities(main_journal, signature), config.tta)
+    own = original_ids(test_rows, config.tta)
+    text_only = {own[i]: why for i, why in asked_text_only.items()}
     path = config.artifacts_dir / "submission.csv"
     frame = write_submission(path, answers, order)
+    write_probabilities(config.artifacts_dir / "probabilities.csv", order, answers, probs)
+    if config.infer_mode == "generate":
+        log.info("INFER_MODE=generate: probabilities.csv holds the letters only (generation "
+                 "gives no option probabilities)")
     report = {
         "model": source,
         "infer_mode": config.infer_mode,
+        "tta": config.tta,
         "rows": len(frame),
+        "rows_asked": len(asked),
         "answer_counts": frame["answer"].value_counts().sort_index().to_dict(),
         "pred_batch_size": batch,
         "peak_reserved_gib_rank0": (round(torch.cuda.max_memory_reserved() / 2**30, 3)
@@ -101,6 +116,7 @@ def submit(config: Config) -> dict:
         "unparsed_ids": result.unparsed[:50],
         "text_only_rows": text_only_rows(test, text_only),
         "submission": str(path),
+        "probabilities": str(config.artifacts_dir / "probabilities.csv"),
     }
     write_json_atomic(config.artifacts_dir / "submit_report.json", report)
     if text_only:
@@ -111,5 +127,7 @@ def submit(config: Config) -> dict:
     if result.unparsed:
         log.info("%d generated answer(s) held no option letter and were scored instead",
                  len(result.unparsed))
-    print(f"vqa submit: wrote {path} ({len(frame)} rows, every test id once, answers in a-d)")
+    print(f"vqa submit: wrote {path} ({len(frame)} rows, every test id once, answers in a-d) "
+          f"and probabilities.csv" + (" (TTA=rotate: 4 option shifts averaged)"
+                                      if config.tta == "rotate" else ""))
     return report
