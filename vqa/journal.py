@@ -105,24 +105,23 @@ def rank_journals(main: Path) -> list[Path]:
     return sorted(main.parent.glob(f"{main.stem}.rank*{main.suffix}"))
 
 
-def read_probabilities(main: Path, signature: dict) -> dict[str, list[float]]:
-    """The letter probabilities journalled by every rank (score mode), by row id."""
-    probs: dict[str, list[float]] = {}
-    for path in [Path(main), *rank_journals(main)]:
-        found = _read(path, signature)
-        if found is not None:
-            probs.update(found[3])
-    return probs
-
-
-def read_all(main: Path, signature: dict) -> tuple[dict[str, str], dict[str, str]]:
-    """(answers, text-only notes) from the main journal and every rank's, read only; journals
-    of another signature and a line torn by a kill are ignored."""
+def read_journals(main: Path, signature: dict
+                  ) -> tuple[dict[str, str], dict[str, str], dict[str, list[float]]]:
+    """(answers, text-only notes, letter probabilities) from the main journal and every
+    rank's, read only; journals of another signature and a line torn by a kill are ignored."""
     answers: dict[str, str] = {}
     text_only: dict[str, str] = {}
+    probs: dict[str, list[float]] = {}
     for path in [Path(main), *rank_journals(main)]:
         found = _read(path, signature)
         if found is not None:
             answers.update(found[0])
             text_only.update(found[1])
+            probs.update(found[3])
+    return answers, text_only, probs
+
+
+def read_all(main: Path, signature: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """(answers, text-only notes): `read_journals` without the probabilities."""
+    answers, text_only, _ = read_journals(main, signature)
     return answers, text_only

@@ -11,7 +11,7 @@ from vqa import distributed
 from vqa.config import Config
 from vqa.data import read_table
 from vqa.io import file_fingerprint, write_json_atomic
-from vqa.journal import PredictionJournal, journal_path, read_all, read_probabilities
+from vqa.journal import PredictionJournal, journal_path, read_all, read_journals
 from vqa.model import load_for_inference, load_processor
 from vqa.options import expanded, final_answers, original_ids, write_probabilities
 from vqa.predict import predict_rows
@@ -85,9 +85,8 @@ def submit(config: Config) -> dict:
     predict_seconds = time.perf_counter() - started
     if not here.is_main:
         return {}
-    asked_answers, asked_text_only = read_all(main_journal, signature)
-    answers, probs = final_answers(test_rows, asked_answers,
-                                   read_probabilities(main_journal, signature), config.tta)
+    asked_answers, asked_text_only, asked_probs = read_journals(main_journal, signature)
+    answers, probs = final_answers(test_rows, asked_answers, asked_probs, config.tta)
     own = original_ids(test_rows, config.tta)
     text_only = {own[i]: why for i, why in asked_text_only.items()}
     path = config.artifacts_dir / "submission.csv"

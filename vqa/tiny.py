@@ -108,8 +108,7 @@ def tiny_config(tokenizer, model_type: str = EMBEDDED_FAMILY):
     mrope_section = text.pop("mrope_section")
     rope_theta = text.pop("rope_theta")
     rope = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope_section}
-    if model_type in ("qwen3_vl", "qwen3_5"):
-        rope["mrope_interleaved"] = True
+    rope.update(family.tiny_rope or {})
     text.update(family.tiny_text or {})
     text_config = dict(
         **text, vocab_size=vocab_size, hidden_act="silu", rms_norm_eps=1e-6,

@@ -60,8 +60,10 @@ class Family:
     text_linears: Callable[[object], dict[str, list[tuple[int, int]]]] | None = None
     # Decoder layers with a KV cache (full attention), from the text config; None = all of them.
     attention_layers: Callable[[object], int] | None = None
-    # What the tiny text config of the CPU tests adds for this family (vqa/tiny.py).
+    # What the tiny text config of the CPU tests adds for this family, and its rope parameters
+    # (vqa/tiny.py).
     tiny_text: dict | None = None
+    tiny_rope: dict | None = None
     # The peak-VRAM model's coefficients refitted on this family's own measured rows, by name
     # (vqa/planning/peaks.py: DEFAULTS; the rows in vqa/planning/calibration.csv).
     peak_coefficients: dict[str, float] = field(default_factory=dict)

@@ -8,21 +8,9 @@ linear-attention layers. Its fast kernels (flash-linear-attention, causal-conv1d
 without them transformers runs the gated delta rule in PyTorch. The peak-VRAM model counts its
 linear-attention layers like attention layers, unmeasured: planned with a wider margin."""
 
-from vqa.families.base import Family, VisionShapes, attention_linears, merger_linears
-
-
-def vision_shapes(vision) -> VisionShapes:
-    return VisionShapes(depth=vision.depth, hidden=vision.hidden_size,
-                        intermediate=vision.intermediate_size, out=vision.out_hidden_size,
-                        merge=vision.spatial_merge_size,
-                        mergers=1 + len(getattr(vision, "deepstack_visual_indexes", None) or []))
-
-
-def vision_linears(v: VisionShapes) -> dict[str, list[tuple[int, int]]]:
-    fc1, fc2 = merger_linears(v)
-    return {**attention_linears(v),
-            "linear_fc1": [(v.hidden, v.intermediate)] * v.depth + [fc1] * v.mergers,
-            "linear_fc2": [(v.intermediate, v.hidden)] * v.depth + [fc2] * v.mergers}
+from vqa.families.base import Family
+# Qwen3-VL's vision tower, without DeepStack (its config has no deepstack_visual_indexes)
+from vqa.families.qwen3_vl import FAMILY as QWEN3_VL, vision_linears, vision_shapes
 
 
 def layer_types(text) -> list[str]:
@@ -63,10 +51,9 @@ FAMILY = Family(
     peak_coefficients={"TRAIN_ACTIVATION_SCALE": 2.34, "INFER_TOKEN_SCALE": 42.5},
     vision_shapes=vision_shapes, vision_linears=vision_linears, text_linears=text_linears,
     attention_layers=attention_layers,
-    tiny_vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
-                     hidden_act="gelu_pytorch_tanh", in_channels=3, patch_size=16,
-                     spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[],
-                     num_position_embeddings=64, initializer_range=0.02),
+    tiny_rope={"mrope_interleaved": True},
+    tiny_vision={k: v for k, v in QWEN3_VL.tiny_vision.items()
+                 if k != "deepstack_visual_indexes"},
     tiny_text=dict(layer_types=["linear_attention"] * 3 + ["full_attention"],
                    full_attention_interval=4, linear_conv_kernel_dim=4,
                    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,

@@ -12,7 +12,8 @@ def vision_shapes(vision) -> VisionShapes:
     return VisionShapes(depth=vision.depth, hidden=vision.hidden_size,
                         intermediate=vision.intermediate_size, out=vision.out_hidden_size,
                         merge=vision.spatial_merge_size,
-                        mergers=1 + len(vision.deepstack_visual_indexes or []))
+                        # Qwen3.5's tower (this one without DeepStack) has no such field
+                        mergers=1 + len(getattr(vision, "deepstack_visual_indexes", None) or []))
 
 
 def vision_linears(v: VisionShapes) -> dict[str, list[tuple[int, int]]]:
@@ -38,6 +39,7 @@ FAMILY = Family(
     # the allocator's slack over allocated differs between sizes at the same batch (0.16 GiB
     # for the 8B, 2.04 for the 4B, 1400x1400 at 64): reserved is predicted within 11%, not 10
     extra_margin=0.02, margin_reason="its scoring peaks are predicted within 11%, not 10",
+    tiny_rope={"mrope_interleaved": True},
     tiny_vision=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4,
                      hidden_act="gelu_pytorch_tanh", in_channels=3, patch_size=16,
                      spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0],
