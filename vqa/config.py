@@ -66,6 +66,14 @@ class Config:
     max_new_tokens: int = 16
     infer_mode: Literal["score", "generate"] = "score"
     tta: Literal["none", "rotate"] = "none"  # rotate: each row under its 4 option shifts
+    # prior: a letter prior estimated on CALIBRATE_SHARE of the rows by rotation, divided out
+    calibrate: Literal["none", "prior"] = "none"
+    calibrate_share: float = 0.05
+    # training rows' options permuted per row and epoch (seeded), the label following its option
+    shuffle_options: int = 0
+    folds: int = 0  # K > 1: K adapters on K folds grouped by image content (out-of-fold scores)
+    fold: int | None = None  # with FOLDS: train or predict only this fold (0..K-1)
+    runs: str = ""  # make ensemble: the runs' artifact folders, comma-separated
     # planning for a card other than the one at hand (preflight's peak-VRAM model)
     target_gpu: str = ""  # a name from vqa/planning/gpus.json, e.g. A10G, L4, T4, A100-40GB
     target_gpu_memory: str = ""  # e.g. 24GiB; wins over TARGET_GPU
@@ -179,6 +187,17 @@ def _check(config: Config) -> None:
         raise ConfigError(f"LR={config.lr}: must be positive")
     if config.tta == "rotate" and config.infer_mode != "score":
         raise ConfigError("TTA=rotate averages letter probabilities: it needs INFER_MODE=score")
+    if config.calibrate == "prior" and config.infer_mode != "score":
+        raise ConfigError("CALIBRATE=prior divides letter probabilities: it needs "
+                          "INFER_MODE=score")
+    if not 0 < config.calibrate_share <= 1:
+        raise ConfigError(f"CALIBRATE_SHARE={config.calibrate_share}: must lie in (0, 1]")
+    if config.shuffle_options not in (0, 1):
+        raise ConfigError(f"SHUFFLE_OPTIONS={config.shuffle_options}: must be 0 or 1")
+    if config.folds < 0 or config.folds == 1:
+        raise ConfigError(f"FOLDS={config.folds}: must be 0 (no folds) or 2 or more")
+    if config.fold is not None and not 0 <= config.fold < max(config.folds, 1):
+        raise ConfigError(f"FOLD={config.fold}: needs FOLDS=K and must lie in 0..K-1")
     try:
         target_card(config.target_gpu, config.target_gpu_memory)
     except ValueError as exc:
@@ -232,7 +251,7 @@ class BenchConfig:
 
     bench_models: str = "7B,3B"  # real sizes to build, e.g. 7B or 3B,7B
     bench_images: str = ""  # image settings by name, e.g. 448x448,1024x768
-    bench_work: str = ""  # bench: predict,train; bench-memory: train,score,generate
+    bench_work: str = ""  # bench: predict,rotate,train; bench-memory: train,score,generate
     bench_batches: str = ""  # bench-memory's batches, e.g. "score=8,24 train=2,4"
     bench_rows: int = 2048  # bench-memory: rows per image size
     bench_train_steps: int | None = None  # bench: optimizer steps per training row (5)

@@ -16,8 +16,8 @@ from vqa.config import Config
 from vqa.data import LETTERS, read_table
 from vqa.io import save_figure_atomic, write_json_atomic
 from vqa.model import load_for_inference, load_processor
-from vqa.options import (argmax_letter, circular_accuracy, expanded, final_answers,
-                         letter_shares, per_shift, write_probabilities)
+from vqa.options import (argmax_letter, circular_accuracy, combined, expanded, final_answers,
+                         letter_prior, letter_shares, per_shift, rotated_ids, write_probabilities)
 from vqa.predict import accuracy, accuracy_by, predict_rows
 from vqa.planning.runplan import stage_plan
 from vqa.train import split_rows
@@ -64,6 +64,8 @@ def test_rows_with_key(config: Config) -> list[dict] | None:
 
 
 def evaluate(config: Config) -> dict:
+    """Validation (and, with a key, test) accuracy of the adapter in ARTIFACTS_DIR (FOLDS=K:
+    vqa/fold_runs.py runs this for each fold)."""
     adapter = config.artifacts_dir / "lora_adapter"
     processor = load_processor(config)
     batch = stage_plan(config, "eval", processor).pred_batch_size  # before the model is loaded
@@ -71,20 +73,29 @@ def evaluate(config: Config) -> dict:
     model, source = load_for_inference(config, adapter, processor, mode="score")
     log.info("evaluating %s", source)
 
-    def run(rows, blank=False, desc="eval", tta="none"):
-        """The rows' answers and option probabilities; under TTA=rotate also each shift's."""
-        asked = expanded(rows, tta)
-        result = predict_rows(model, processor, asked, config.data_dir, batch_size=batch,
-                              mode="score", blank_images=blank, desc=desc,
+    def run(rows, blank=False, desc="eval", options=True):
+        """The rows' answers and option probabilities, and for the report each shift's
+        probabilities as asked and with the prior divided out, and the prior. `options`: ask
+        as TTA and CALIBRATE say (the blank-image baseline asks each row once)."""
+        rotated = (rotated_ids(rows, config.tta, config.calibrate, config.calibrate_share,
+                               config.seed) if options else frozenset())
+        result = predict_rows(model, processor, expanded(rows, rotated), config.data_dir,
+                              batch_size=batch, mode="score", blank_images=blank, desc=desc,
                               workers=config.loader_workers())
-        answers, probs = final_answers(rows, result.answers, result.letter_probs, tta)
-        return answers, probs, per_shift(rows, result.letter_probs, tta)
+        probs = result.letter_probs
+        prior = (letter_prior(rows, probs, rotated) if options and config.calibrate == "prior"
+                 else None)
+        answers, mean = final_answers(rows, result.answers, probs, rotated, prior)
+        return answers, mean, {"raw": per_shift(rows, probs, rotated),
+                               "calibrated": per_shift(rows, probs, rotated, prior),
+                               "prior": prior, "rotated": len(rotated)}
 
-    val_answers, val_probs, val_shifts = run(val_rows, desc="validation", tta=config.tta)
+    val_answers, val_probs, val_shifts = run(val_rows, desc="validation")
     matrix = confusion(val_rows, val_answers)
     report = {
         "model": source,
         "tta": config.tta,
+        "calibrate": config.calibrate,
         "validation": {
             "rows": len(val_rows),
             "accuracy": accuracy(val_rows, val_answers),
@@ -100,15 +111,16 @@ def evaluate(config: Config) -> dict:
                    config.artifacts_dir / "confusion_matrix.png")
     plot_letter_shares(report["validation"], config.artifacts_dir / "letter_bias.png")
     v = report["validation"]
-    log.info("validation accuracy %.3f on %d rows (TTA=%s)%s", v["accuracy"], len(val_rows),
-             config.tta, "" if config.tta == "none" else
-             f"; plain {v['plain_accuracy']:.3f}, rotated {v['rotated_accuracy']:.3f}, "
-             f"circular {v['circular_accuracy']:.3f}")
+    log.info("validation accuracy %.3f on %d rows (TTA=%s, CALIBRATE=%s)%s", v["accuracy"],
+             len(val_rows), config.tta, config.calibrate, describe_options(v))
 
     test_rows = test_rows_with_key(config)
     if test_rows:
-        answers, _, shifts = run(test_rows, desc="test", tta=config.tta)
-        blank = run(test_rows, blank=True, desc="test, blank images")[0]
+        answers, test_probs, shifts = run(test_rows, desc="test")
+        write_probabilities(config.artifacts_dir / "test_probabilities.csv",
+                            [r["id"] for r in test_rows], answers, test_probs,
+                            {r["id"]: r["answer"] for r in test_rows})
+        blank = run(test_rows, blank=True, desc="test, blank images", options=False)[0]
         report["test"] = {
             "rows": len(test_rows),
             **position_bias(test_rows, answers, shifts, config.tta),
@@ -125,17 +137,33 @@ def evaluate(config: Config) -> dict:
     return report
 
 
-def position_bias(rows: list[dict], answers: dict[str, str],
-                  shifts: dict[str, list[list[float]]], tta: str) -> dict:
-    """The predicted letters' shares against the true ones; under TTA=rotate also the plain
-    accuracy (the unshifted options alone), the rotated one and CircularEval's."""
+def position_bias(rows: list[dict], answers: dict[str, str], shifts: dict, tta: str) -> dict:
+    """The predicted letters' shares against the true ones. Under TTA=rotate or CALIBRATE=prior
+    also the plain accuracy (each row's options as given, nothing divided out), under rotate the
+    rotated and CircularEval accuracy of the probabilities as asked, and under the prior the
+    estimated prior with the accuracies once it is divided out."""
     out = {"predicted_letters": letter_shares([answers[r["id"]] for r in rows]),
            "true_letters": letter_shares([r["answer"] for r in rows])}
+    raw, prior = shifts["raw"], shifts["prior"]
+    if tta == "none" and prior is None:
+        return out
+    plain = {r["id"]: argmax_letter(raw[r["id"]][0]) for r in rows}
+    out.update(plain_accuracy=accuracy(rows, plain),
+               plain_predicted_letters=letter_shares(list(plain.values())))
     if tta == "rotate":
-        plain = {r["id"]: argmax_letter(shifts[r["id"]][0]) for r in rows}
-        out.update(plain_accuracy=accuracy(rows, plain), rotated_accuracy=accuracy(rows, answers),
-                   circular_accuracy=circular_accuracy(rows, shifts),
-                   plain_predicted_letters=letter_shares(list(plain.values())))
+        rotated = {i: argmax_letter(p) for i, p in combined(raw).items()}
+        out.update(rotated_accuracy=accuracy(rows, rotated),
+                   circular_accuracy=circular_accuracy(rows, raw))
+    if prior is not None:
+        cal = shifts["calibrated"]
+        calibrated = {"prior": dict(zip(LETTERS, (round(p, 4) for p in prior))),
+                      "estimated_on_rows": shifts["rotated"],
+                      "plain_accuracy": accuracy(rows, {r["id"]: argmax_letter(cal[r["id"]][0])
+                                                        for r in rows}),
+                      "accuracy": accuracy(rows, answers)}
+        if tta == "rotate":
+            calibrated["circular_accuracy"] = circular_accuracy(rows, cal)
+        out["calibrated"] = calibrated
     return out
 
 
@@ -169,7 +197,25 @@ def print_test_table(test: dict) -> None:
     print(f"  {'overall':<20}{test['accuracy']:>8.3f}{test['blank_image_accuracy']:>8.3f}"
           f"{test['rows']:>7}")
     print(f"  images beat blank images by {test['gain_over_blank_points']:+.1f} points")
-    if "rotated_accuracy" in test:
-        print(f"  TTA=rotate: plain {test['plain_accuracy']:.3f}, rotated "
-              f"{test['rotated_accuracy']:.3f}, circular {test['circular_accuracy']:.3f}")
+    if "plain_accuracy" in test:
+        print(f"  {describe_options(test).lstrip('; ')}")
     print()
+
+
+def describe_options(stats: dict) -> str:
+    """'; plain ..., rotated ..., circular ...; prior ... -> ...' for what was measured."""
+    if "plain_accuracy" not in stats:
+        return ""
+    out = f"; options as given {stats['plain_accuracy']:.3f}"
+    if "rotated_accuracy" in stats:
+        out += (f", rotated {stats['rotated_accuracy']:.3f}, circular "
+                f"{stats['circular_accuracy']:.3f}")
+    cal = stats.get("calibrated")
+    if cal:
+        prior = " ".join(f"{x}={p:.2f}" for x, p in cal["prior"].items())
+        out += (f"; letter prior ({prior}, {cal['estimated_on_rows']} rows) divided out: "
+                f"as given {cal['plain_accuracy']:.3f}")
+        if "circular_accuracy" in cal:
+            out += f", circular {cal['circular_accuracy']:.3f}"
+        out += f", final {cal['accuracy']:.3f}"
+    return out

@@ -1,11 +1,23 @@
-"""The order of a row's four options at test time: TTA=rotate and what it measures.
+"""The order of a row's four options at test time: TTA=rotate, CALIBRATE=prior, what they measure.
 
 `TTA=rotate` asks every row four times, its options cyclically shifted by 0-3 places, maps each
 shift's letter probabilities back to the original options and averages them. A model's
-preference for a letter position then falls on each option once, so a pure letter bias cancels.
-Probabilities are averaged, not log-probabilities: one shift that puts near-zero mass on the
-right option would dominate a geometric mean, while the arithmetic mean lets the other three
-outvote it (it is also what the published rotation entries average).
+preference for a letter position then falls on each option once. Probabilities are averaged,
+not log-probabilities: one shift that puts near-zero mass on the right option would dominate a
+geometric mean, while the arithmetic mean lets the other three outvote it (it is also what the
+published rotation entries average). The price: the arithmetic mean cancels a pure letter prior
+only approximately (each shift's probabilities are normalised by a different sum), where the
+geometric mean would cancel it exactly.
+
+`CALIBRATE=prior` (PriDe, arXiv 2309.03882) models a letter probability as prior(letter) x
+belief(option). Asked under the four shifts, a row shows every option at every letter, so the
+geometric mean of each letter's probability over the shifts holds the prior alone: averaged over
+a share of the rows (CALIBRATE_SHARE, chosen by a seeded hash of the id), that is the estimate.
+It is then divided out of every asked probability vector and renormalised, before anything is
+mapped back. Alone, it costs 3 extra passes on that share; with TTA=rotate every row is rotated
+already, so the prior comes from all of them at no cost, and dividing it out of each shift
+makes the average exact for a pure letter prior and makes each shift's own answer (what
+CircularEval counts) unbiased, which averaging alone does not.
 
 CircularEval (MMBench, arXiv 2307.06281) counts a row correct only when every shift picks the
 right option: a position-robust accuracy for validation.
@@ -24,7 +36,7 @@ def rotation_id(row_id: str, shift: int) -> str:
     return f"{row_id}#rot{shift}"
 
 
-def rotated(row: dict, shift: int) -> dict:
+def rotated_row(row: dict, shift: int) -> dict:
     """The row with option letter i showing the original option (i + shift) mod 4; its answer
     (when it has one) follows its option. Shift 0 is the row itself under a rotation id."""
     out = dict(row, id=rotation_id(row["id"], shift))
@@ -35,11 +47,32 @@ def rotated(row: dict, shift: int) -> dict:
     return out
 
 
-def expanded(rows: list[dict], tta: str) -> list[dict]:
-    """The rows to ask: as they are (TTA=none), or each under its four shifts."""
-    if tta == "none":
-        return list(rows)
-    return [rotated(row, shift) for row in rows for shift in range(SHIFTS)]
+def prior_rows(rows: list[dict], share: float, seed: int) -> list[str]:
+    """The ids of CALIBRATE_SHARE of the rows (at least one): those first in the order of a
+    seeded hash of their ids, so the choice does not depend on the rows' order or the process."""
+    import hashlib
+    import math
+
+    ranked = sorted((r["id"] for r in rows),
+                    key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+    return ranked[:max(1, math.ceil(share * len(ranked)))] if ranked else []
+
+
+def rotated_ids(rows: list[dict], tta: str, calibrate: str = "none", share: float = 0.05,
+                seed: int = 42) -> frozenset[str]:
+    """The ids of the rows asked under their four shifts: every row under TTA=rotate; under
+    CALIBRATE=prior alone, the share that estimates the prior; else none."""
+    if tta == "rotate":
+        return frozenset(r["id"] for r in rows)
+    if calibrate == "prior":
+        return frozenset(prior_rows(rows, share, seed))
+    return frozenset()
+
+
+def expanded(rows: list[dict], rotated: frozenset[str] = frozenset()) -> list[dict]:
+    """The rows to ask: each row of `rotated` under its four shifts, the others as they are."""
+    return [shifted for row in rows for shifted in (
+        [rotated_row(row, s) for s in range(SHIFTS)] if row["id"] in rotated else [row])]
 
 
 def original_order(probs: list[float], shift: int) -> list[float]:
@@ -47,13 +80,45 @@ def original_order(probs: list[float], shift: int) -> list[float]:
     return [probs[(j - shift) % SHIFTS] for j in range(SHIFTS)]
 
 
-def per_shift(rows: list[dict], probs: dict[str, list[float]], tta: str
+def debiased(probs: list[float], prior: list[float] | None) -> list[float]:
+    """Letter probabilities with the letter prior divided out, renormalised."""
+    if prior is None:
+        return list(probs)
+    scaled = [p / q for p, q in zip(probs, prior)]
+    total = sum(scaled) or 1.0
+    return [x / total for x in scaled]
+
+
+def letter_prior(rows: list[dict], probs: dict[str, list[float]],
+                 rotated: frozenset[str]) -> list[float] | None:
+    """PriDe's estimate: for each rotated row, the normalised geometric mean over its shifts of
+    each letter's probability (the options cancel: each stood at that letter once), averaged
+    over the rows. None when no row was rotated."""
+    import math
+
+    per_row = []
+    for row in rows:
+        if row["id"] not in rotated:
+            continue
+        shifts = [probs[rotation_id(row["id"], s)] for s in range(SHIFTS)]
+        logs = [sum(math.log(max(p[j], 1e-12)) for p in shifts) / SHIFTS for j in range(SHIFTS)]
+        top = max(logs)
+        weights = [math.exp(x - top) for x in logs]
+        per_row.append([w / sum(weights) for w in weights])
+    if not per_row:
+        return None
+    mean = [sum(p[j] for p in per_row) / len(per_row) for j in range(SHIFTS)]
+    return [x / sum(mean) for x in mean]
+
+
+def per_shift(rows: list[dict], probs: dict[str, list[float]],
+              rotated: frozenset[str] = frozenset(), prior: list[float] | None = None
               ) -> dict[str, list[list[float]]]:
-    """Each row's probabilities of its original options, one list per shift asked."""
-    if tta == "none":
-        return {row["id"]: [probs[row["id"]]] for row in rows}
-    return {row["id"]: [original_order(probs[rotation_id(row["id"], s)], s)
-                        for s in range(SHIFTS)] for row in rows}
+    """Each row's probabilities of its original options, one list per shift asked (the prior,
+    when given, divided out of each first)."""
+    return {row["id"]: ([original_order(debiased(probs[rotation_id(row["id"], s)], prior), s)
+                         for s in range(SHIFTS)] if row["id"] in rotated
+                        else [debiased(probs[row["id"]], prior)]) for row in rows}
 
 
 def combined(shifts: dict[str, list[list[float]]]) -> dict[str, list[float]]:
@@ -84,22 +149,22 @@ def margin(probs: list[float]) -> float:
 
 
 def final_answers(rows: list[dict], answers: dict[str, str], probs: dict[str, list[float]],
-                  tta: str) -> tuple[dict[str, str], dict[str, list[float]]]:
-    """Each row's answer and option probabilities from what was asked: under TTA=rotate the
-    mean over its four shifts (its argmax is the answer); otherwise the answer given and, in
-    score mode, its probabilities (generate mode has none)."""
-    if tta == "none":
+                  rotated: frozenset[str] = frozenset(), prior: list[float] | None = None
+                  ) -> tuple[dict[str, str], dict[str, list[float]]]:
+    """Each row's answer and option probabilities from what was asked: the mean over the
+    shifts asked, the prior divided out first when given (the argmax is the answer). A row
+    asked once without a prior keeps the answer given and, in score mode, its probabilities
+    (generate mode has none)."""
+    if not rotated and prior is None:
         return ({r["id"]: answers[r["id"]] for r in rows},
                 {r["id"]: probs[r["id"]] for r in rows if r["id"] in probs})
-    mean = combined(per_shift(rows, probs, tta))
+    mean = combined(per_shift(rows, probs, rotated, prior))
     return {i: argmax_letter(p) for i, p in mean.items()}, mean
 
 
-def original_ids(rows: list[dict], tta: str) -> dict[str, str]:
+def original_ids(rows: list[dict], rotated: frozenset[str] = frozenset()) -> dict[str, str]:
     """Asked id -> the row's own id."""
-    if tta == "none":
-        return {r["id"]: r["id"] for r in rows}
-    return {rotation_id(r["id"], s): r["id"] for r in rows for s in range(SHIFTS)}
+    return {asked["id"]: row["id"] for row in rows for asked in expanded([row], rotated)}
 
 
 def write_probabilities(path, order: list[str], answers: dict[str, str],
@@ -123,3 +188,20 @@ def write_probabilities(path, order: list[str], answers: dict[str, str],
     frame = pd.DataFrame.from_records(records)
     write_text_atomic(path, frame.to_csv(index=False))
     return frame
+
+
+def shuffled_options(row: dict, seed: int, epoch: int) -> dict:
+    """SHUFFLE_OPTIONS=1: the training row with its options in an order drawn from (seed,
+    epoch, row id) alone, its answer following its option. A function of those three, not of
+    any generator's state: a resumed run and every rank and dataloader worker draw the same."""
+    import hashlib
+    import random
+
+    digest = hashlib.sha256(f"{seed}:{epoch}:{row['id']}".encode()).digest()
+    order = random.Random(int.from_bytes(digest[:8], "big")).sample(range(SHIFTS), SHIFTS)
+    out = dict(row)
+    for i, letter in enumerate(LETTERS):
+        out[letter] = row[LETTERS[order[i]]]
+    if row.get("answer") in LETTERS:
+        out["answer"] = LETTERS[order.index(LETTERS.index(row["answer"]))]
+    return out

@@ -13,7 +13,8 @@ from vqa.data import read_table
 from vqa.io import file_fingerprint, write_json_atomic
 from vqa.journal import PredictionJournal, journal_path, read_all, read_journals
 from vqa.model import load_for_inference, load_processor
-from vqa.options import expanded, final_answers, original_ids, write_probabilities
+from vqa.options import (expanded, final_answers, letter_prior, original_ids, rotated_ids,
+                         write_probabilities)
 from vqa.predict import predict_rows
 from vqa.planning.runplan import stage_plan
 from vqa.submission import submission_order, write_submission
@@ -70,12 +71,15 @@ def submit(config: Config) -> dict:
     distributed.barrier()
     done, _ = read_all(main_journal, signature)
     test_rows = test.to_dict("records")
-    asked = expanded(test_rows, config.tta)  # TTA=rotate: each row under its 4 option shifts
+    # TTA=rotate: every row under its 4 option shifts; CALIBRATE=prior: the prior's share too
+    rotated = rotated_ids(test_rows, config.tta, config.calibrate, config.calibrate_share,
+                          config.seed)
+    asked = expanded(test_rows, rotated)
     rows = [r for r in asked if r["id"] not in done]
     if done:
         log.info("resuming: %d of %d %s already predicted (%s)", len(done), len(asked),
-                 "test rows" if config.tta == "none" else "rows asked (4 option shifts a row)",
-                 main_journal)
+                 "rows asked (4 option shifts for each rotated row)" if rotated
+                 else "test rows", main_journal)
     started = time.perf_counter()
     result = predict_rows(model, processor, rows, config.data_dir, batch_size=batch,
                           mode=config.infer_mode, max_new_tokens=config.max_new_tokens,
@@ -86,8 +90,10 @@ def submit(config: Config) -> dict:
     if not here.is_main:
         return {}
     asked_answers, asked_text_only, asked_probs = read_journals(main_journal, signature)
-    answers, probs = final_answers(test_rows, asked_answers, asked_probs, config.tta)
-    own = original_ids(test_rows, config.tta)
+    prior = (letter_prior(test_rows, asked_probs, rotated) if config.calibrate == "prior"
+             else None)
+    answers, probs = final_answers(test_rows, asked_answers, asked_probs, rotated, prior)
+    own = original_ids(test_rows, rotated)
     text_only = {own[i]: why for i, why in asked_text_only.items()}
     path = config.artifacts_dir / "submission.csv"
     frame = write_submission(path, answers, order)
@@ -101,6 +107,8 @@ def submit(config: Config) -> dict:
         "tta": config.tta,
         "rows": len(frame),
         "rows_asked": len(asked),
+        "calibrate": config.calibrate,
+        "letter_prior": _prior_report(prior, rotated, len(test_rows)),
         "answer_counts": frame["answer"].value_counts().sort_index().to_dict(),
         "pred_batch_size": batch,
         "peak_reserved_gib_rank0": (round(torch.cuda.max_memory_reserved() / 2**30, 3)
@@ -126,7 +134,23 @@ def submit(config: Config) -> dict:
     if result.unparsed:
         log.info("%d generated answer(s) held no option letter and were scored instead",
                  len(result.unparsed))
+    if prior is not None:
+        log.info("CALIBRATE=prior: letter prior %s estimated on %d rows asked under 4 shifts, "
+                 "divided out of every row", _shares(prior), len(rotated))
     print(f"vqa submit: wrote {path} ({len(frame)} rows, every test id once, answers in a-d) "
           f"and probabilities.csv" + (" (TTA=rotate: 4 option shifts averaged)"
-                                      if config.tta == "rotate" else ""))
+                                      if config.tta == "rotate" else "")
+          + (" (CALIBRATE=prior: letter prior divided out)" if prior is not None else ""))
     return report
+
+
+def _shares(prior: list[float]) -> str:
+    return " ".join(f"{x}={p:.3f}" for x, p in zip("abcd", prior))
+
+
+def _prior_report(prior: list[float] | None, rotated: frozenset[str], rows: int) -> dict | None:
+    """The estimated letter prior and the rows it came from (None without CALIBRATE=prior)."""
+    if prior is None:
+        return None
+    return {"prior": dict(zip("abcd", (round(p, 4) for p in prior))),
+            "estimated_on_rows": len(rotated), "share": round(len(rotated) / max(1, rows), 4)}
