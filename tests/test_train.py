@@ -74,3 +74,57 @@ def test_accumulation_has_one_owner(nproc):
     config = load_config([f"NPROC={nproc}", "PER_DEVICE_BATCH=4"], environ={})
     plan = plan_batches(config, None, None, None)
     assert plan.gradient_accumulation == gradient_accumulation(16, 4, nproc) == 4 // nproc
+
+
+def test_shuffled_options_are_a_function_of_seed_epoch_and_row():
+    from vqa.options import shuffled_options
+
+    rows = [{"id": str(i), "question": "q", "a": f"{i}a", "b": f"{i}b", "c": f"{i}c",
+             "d": f"{i}d", "answer": "abcd"[i % 4]} for i in range(400)]
+    for row in rows[:50]:
+        for epoch in range(3):
+            out = shuffled_options(row, 42, epoch)
+            assert out == shuffled_options(dict(row), 42, epoch)  # no hidden state
+            assert out[out["answer"]] == row[row["answer"]]  # the label follows its option
+            assert sorted(out[x] for x in "abcd") == sorted(row[x] for x in "abcd")
+    orders = {tuple(shuffled_options(r, 42, 0)[x] for x in "abcd") for r in rows[:1]}
+    assert len(orders | {tuple(shuffled_options(rows[0], 42, e)[x] for x in "abcd")
+                         for e in range(1, 8)}) > 1  # epochs differ
+    assert any(shuffled_options(r, 42, 0) != shuffled_options(r, 43, 0) for r in rows[:10])
+    # the right option lands on each letter about a quarter of the time
+    letters = [shuffled_options(r, 42, 0)["answer"] for r in rows]
+    assert all(60 <= letters.count(x) <= 140 for x in "abcd")
+
+
+def test_shuffle_options_reorders_the_training_rows_each_epoch_and_never_validation(
+        small_data, tiny_model_dir, tmp_path, monkeypatch):
+    """A real `train` with SHUFFLE_OPTIONS=1: each training row as the Trainer's epoch says,
+    every row once an epoch, validation rows as they are."""
+    from vqa import train as train_module
+    from vqa.options import shuffled_options
+
+    seen = []
+    plain_getitem = train_module.RowDataset.__getitem__
+
+    def recording(self, index):
+        row = plain_getitem(self, index)
+        seen.append((self.shuffle_seed, self.epoch, self.rows[index], row))
+        return row
+
+    monkeypatch.setattr(train_module.RowDataset, "__getitem__", recording)
+    config = load_config([f"DATA_DIR={small_data}", f"MODEL_ID={tiny_model_dir}",
+                          f"ARTIFACTS_DIR={tmp_path}", "SHUFFLE_OPTIONS=1", "EPOCHS=2",
+                          "PER_DEVICE_BATCH=4", "EFFECTIVE_BATCH_SIZE=4", "VAL_FRACTION=0.25",
+                          "QUANT=none"], environ={})
+    metrics = train_module.train(config)
+    shuffled = [s for s in seen if s[0] is not None]
+    assert {epoch for _, epoch, _, _ in shuffled} == {0, 1}
+    for epoch in (0, 1):
+        ids = sorted(row["id"] for _, e, row, _ in shuffled if e == epoch)
+        assert len(ids) == len(set(ids)) == metrics["train_rows"] == 6
+    for seed, epoch, row, out in shuffled:
+        assert seed == 42 and out == shuffled_options(row, 42, epoch)
+    assert any(out != row for _, _, row, out in shuffled)
+    validation = [(row, out) for seed, _, row, out in seen if seed is None]
+    assert validation and all(row is out for row, out in validation)
+    assert metrics["signature"]["settings"]["SHUFFLE_OPTIONS"] == 1

@@ -5,7 +5,8 @@ Reads top to bottom like the reference setup:
 - LoRA r/alpha/dropout from the config on q,k,v,o,gate,up,down; gradient checkpointing, but for
   the last UNCHECKPOINTED_LAYERS decoder layers and UNCHECKPOINTED_ATTENTION attention blocks
   below them (the plan's use of memory left over).
-- Stratified 90/10 split by answer (fixed seed); every training row every epoch.
+- Stratified 90/10 split by answer (fixed seed); every training row every epoch, its options
+  reordered each epoch with SHUFFLE_OPTIONS=1 (the label follows its option).
 - Total batch = PER_DEVICE_BATCH x gradient accumulation x world size = EFFECTIVE_BATCH_SIZE,
   all three from the run plan (vqa/planning/runplan.py).
 - AdamW, max_grad_norm 0.3, weight decay 0.01, warmup ratio 0.1.
@@ -34,6 +35,7 @@ from vqa.data import (DataError, VQACollator, image_problems, letter_token_ids, 
                       stratified_sample, stratified_split)
 from vqa.io import file_fingerprint, write_json_atomic
 from vqa.model import attach_lora, device_and_dtype, load_model, load_processor, model_fingerprint
+from vqa.options import shuffled_options
 from vqa.planning.planner import Plan
 from vqa.planning.runplan import stage_plan
 from vqa.speed import labelled_loss
@@ -43,14 +45,38 @@ log = logging.getLogger("vqa")
 
 
 class RowDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict]):
+    """The rows, each with its options reordered per epoch when `shuffle_seed` is set
+    (SHUFFLE_OPTIONS=1: `vqa.options.shuffled_options`); the Trainer's epoch reaches it through
+    `set_epoch` (EpochToDataset) before each epoch's iterator, and its workers, start."""
+
+    def __init__(self, rows: list[dict], shuffle_seed: int | None = None):
         self.rows = rows
+        self.shuffle_seed = shuffle_seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        return self.rows[index]
+        row = self.rows[index]
+        if self.shuffle_seed is None:
+            return row
+        return shuffled_options(row, self.shuffle_seed, self.epoch)
+
+
+def epoch_to_dataset(dataset: RowDataset):
+    """A callback that hands each epoch's number (0-based, from the Trainer's state, so a
+    resumed run gets the right one) to the training rows at the epoch's start."""
+    from transformers import TrainerCallback
+
+    class EpochToDataset(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            dataset.set_epoch(math.floor(state.epoch + 1e-6) if state.epoch else 0)
+
+    return EpochToDataset()
 
 
 def _too_long(config: Config, frame, processor) -> dict[str, str]:
@@ -63,9 +89,13 @@ def _too_long(config: Config, frame, processor) -> dict[str, str]:
     return {str(p.id): p.reason for p in problems if p.kind == "too long"}
 
 
-def split_rows(config: Config, processor=None) -> tuple[list[dict], list[dict], list[dict]]:
+def split_rows(config: Config, processor=None, *, whole_fold: bool = False
+               ) -> tuple[list[dict], list[dict], list[dict]]:
     """(train rows, fixed validation sample, skipped rows) from DATA_DIR/train.csv.
 
+    The validation rows are VAL_FRACTION of the rows, stratified by answer; for fold k of
+    FOLDS (FOLD=k) they are the rows of fold k (vqa/folds.py), all of them with `whole_fold`
+    (its out-of-fold rows), else the fixed sample of them that early stopping watches.
     A row whose image cannot be used, or whose sequence exceeds MAX_SEQUENCE_LENGTH, is skipped
     and listed with its CSV line and reason; when more than half the images are unusable the
     data folder itself is wrong, and that stops the run.
@@ -88,7 +118,15 @@ def split_rows(config: Config, processor=None) -> tuple[list[dict], list[dict], 
                     "%d, id %s: %s", len(skipped), len(frame), first["row"], first["id"],
                     first["reason"])
         frame = frame[~frame["id"].isin(problems)].reset_index(drop=True)
-    train, val = stratified_split(frame, config.val_fraction, config.seed, path)
+    if config.folds and config.fold is not None:
+        from vqa.folds import fold_assignment
+
+        held = frame["id"].map(fold_assignment(config)) == config.fold
+        train, val = frame[~held].reset_index(drop=True), frame[held].reset_index(drop=True)
+        if whole_fold:
+            return train.to_dict("records"), val.to_dict("records"), skipped
+    else:
+        train, val = stratified_split(frame, config.val_fraction, config.seed, path)
     val = stratified_sample(val, config.val_sample, config.seed)
     return train.to_dict("records"), val.to_dict("records"), skipped
 
@@ -99,7 +137,9 @@ _NOT_TRAINING = {"PRED_BATCH_SIZE", "MAX_NEW_TOKENS", "INFER_MODE", "DATA_TRAIN_
                  "RETRAIN", "ARTIFACTS_DIR", "DATA_DIR", "TARGET_GPU", "TARGET_GPU_MEMORY",
                  # the same gradients, whatever the card: the micro-batch only splits the
                  # effective batch, and kept layers only skip recomputation
-                 "PER_DEVICE_BATCH", "UNCHECKPOINTED_LAYERS", "UNCHECKPOINTED_ATTENTION"}
+                 "PER_DEVICE_BATCH", "UNCHECKPOINTED_LAYERS", "UNCHECKPOINTED_ATTENTION",
+                 # how eval and submit ask, and what make ensemble blends
+                 "TTA", "CALIBRATE", "CALIBRATE_SHARE", "RUNS"}
 
 
 def train_signature(config: Config) -> dict:
@@ -185,7 +225,8 @@ def build_trainer(config: Config, plan: Plan, model, processor, train_rows: list
     steps_per_epoch = math.ceil(len(train_rows) / (micro * accumulation
                                                    * distributed.world().size))
     preprocess, compute_metrics = letter_metrics(letter_token_ids(processor.tokenizer))
-    callbacks = [step_timer()]
+    train_dataset = RowDataset(train_rows, config.seed if config.shuffle_options else None)
+    callbacks = [step_timer(), epoch_to_dataset(train_dataset)]
     if max_steps is None:
         callbacks.append(EarlyStoppingCallback(
             early_stopping_patience=config.early_stopping_patience))
@@ -193,7 +234,7 @@ def build_trainer(config: Config, plan: Plan, model, processor, train_rows: list
         model=model,
         args=training_arguments(config, micro, accumulation, steps_per_epoch, output_dir,
                                 max_steps),
-        train_dataset=RowDataset(train_rows),
+        train_dataset=train_dataset,
         eval_dataset=RowDataset(val_rows) if max_steps is None else None,
         data_collator=VQACollator(processor, config.data_dir, train=True),
         compute_loss_func=labelled_loss,
