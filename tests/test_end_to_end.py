@@ -1,6 +1,7 @@
 """The whole job on the tiny model and a small easy-vqa subset, through the stage functions that
 the scripts call: data -> train -> eval -> submit, then the adapter reloaded by peft."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -114,6 +115,18 @@ def test_train_eval_submit_and_reload(run_dir):
     assert ((probs[["p_a", "p_b", "p_c", "p_d"]].sum(axis=1) - 1).abs() < 1e-4).all()
     assert (run_dir / "letter_bias.png").stat().st_size > 1000
 
+    # CALIBRATE=prior alone: a quarter of the validation rows rotated to estimate the prior
+    calibrated = evaluate(_config(run_dir, "CALIBRATE=prior", "CALIBRATE_SHARE=0.25"))
+    c = calibrated["validation"]["calibrated"]
+    assert c["estimated_on_rows"] == 4 and sum(c["prior"].values()) == pytest.approx(1, abs=1e-3)
+    assert calibrated["validation"]["accuracy"] == c["accuracy"]
+    assert abs(calibrated["validation"]["plain_accuracy"] - plain) <= 1 / 16
+    report = submit(_config(run_dir, "CALIBRATE=prior"))
+    assert report["rows_asked"] == 48 + 3 * 3  # ceil(5% of 48) rows under 3 more shifts
+    assert report["letter_prior"]["estimated_on_rows"] == 3
+    probs = pd.read_csv(run_dir / "probabilities.csv", dtype={"id": str})
+    assert ((probs[["p_a", "p_b", "p_c", "p_d"]].sum(axis=1) - 1).abs() < 1e-4).all()
+
 
 @pytest.mark.slow
 def test_scripts_run_from_the_command_line(run_dir):
@@ -142,10 +155,12 @@ def test_scripts_run_from_the_command_line(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tta", ["none", "rotate"])
-def test_submit_killed_mid_run_resumes_without_loss_or_duplicates(run_dir, tmp_path, tta):
+@pytest.mark.parametrize("tta,calibrate", [("none", "none"), ("rotate", "prior")])
+def test_submit_killed_mid_run_resumes_without_loss_or_duplicates(run_dir, tmp_path, tta,
+                                                                  calibrate):
     """SIGKILL a running `submit`, rerun it: every test id once, finished rows not redone;
-    under TTA=rotate every option shift of every row asked once; probabilities.csv sums to 1."""
+    under TTA=rotate every option shift of every row asked once, and CALIBRATE=prior estimates
+    its prior on all of them; probabilities.csv sums to 1."""
     import signal
     import time
 
@@ -155,7 +170,8 @@ def test_submit_killed_mid_run_resumes_without_loss_or_duplicates(run_dir, tmp_p
         if (run_dir / name).exists():
             shutil.copytree(run_dir / name, artifacts / name)
     args = [sys.executable, "scripts/submit.py", f"ARTIFACTS_DIR={artifacts}",
-            f"DATA_DIR={run_dir / 'data'}", "PRED_BATCH_SIZE=4", f"TTA={tta}"]
+            f"DATA_DIR={run_dir / 'data'}", "PRED_BATCH_SIZE=4", f"TTA={tta}",
+            f"CALIBRATE={calibrate}"]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     journal = artifacts / "predictions.journal.jsonl"
     asked = 48 * (4 if tta == "rotate" else 1)
@@ -175,7 +191,7 @@ def test_submit_killed_mid_run_resumes_without_loss_or_duplicates(run_dir, tmp_p
 
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    what = "test rows" if tta == "none" else "rows asked (4 option shifts a row)"
+    what = "test rows" if tta == "none" else "rows asked (4 option shifts for each rotated row)"
     assert f"resuming: {journalled} of {asked} {what} already predicted" in done.stderr
     submission = pd.read_csv(artifacts / "submission.csv", dtype=str)
     test = pd.read_csv(run_dir / "data" / "test.csv", dtype=str)
@@ -184,6 +200,9 @@ def test_submit_killed_mid_run_resumes_without_loss_or_duplicates(run_dir, tmp_p
     assert len(ids) == len(set(ids)) == asked  # nothing predicted twice
     report = json.loads((artifacts / "submit_report.json").read_text())
     assert report["resumed_rows"] == journalled and report["tta"] == tta
+    if calibrate == "prior":  # under rotation, every row estimates the prior
+        assert report["letter_prior"]["estimated_on_rows"] == 48
+        assert sum(report["letter_prior"]["prior"].values()) == pytest.approx(1, abs=1e-3)
     probs = pd.read_csv(artifacts / "probabilities.csv", dtype={"id": str})
     assert list(probs["id"]) == list(submission["id"])
     columns = ["p_a", "p_b", "p_c", "p_d"]
@@ -439,3 +458,55 @@ def test_every_stage_runs_with_the_plan_preflight_made(run_dir, tmp_path):
     assert json.loads((artifacts / "plan.json").read_text())["made_by"] == "submit"
     log = run("submit", "MAX_PIXELS=200704").stderr
     assert "(made by submit" in log and "planning again" not in log
+
+
+@pytest.mark.slow
+def test_folds_train_out_of_fold_submit_averaged_and_ensemble(run_dir, tmp_path):
+    """make train FOLDS=2: two adapters, every training row out of fold once, no image on both
+    sides of a fold; a rerun trains nothing; make submit FOLDS=2 averages the folds' test
+    probabilities; make ensemble of that one run is that run."""
+    from vqa.ensemble import ensemble
+    from vqa.fold_runs import submit_folds, train_folds
+    from vqa.folds import image_groups
+
+    artifacts = tmp_path / "folds"
+    artifacts.mkdir()
+    shutil.copytree(run_dir / "base-model", artifacts / "base-model")
+    config = dataclasses.replace(_config(artifacts, "FOLDS=2", "EPOCHS=1"),
+                                 data_dir=run_dir / "data")
+    report = train_folds(config)
+    train_csv = pd.read_csv(run_dir / "data" / "train.csv", dtype=str)
+    oof = pd.read_csv(artifacts / "oof_probabilities.csv", dtype={"id": str})
+    assert sorted(oof["id"]) == sorted(train_csv["id"])  # every row out of fold, once
+    assert ((oof[["p_a", "p_b", "p_c", "p_d"]].sum(axis=1) - 1).abs() < 1e-4).all()
+    groups = image_groups(train_csv, run_dir / "data")
+    for k in (0, 1):
+        held = set(oof.loc[oof["fold"] == k, "id"])
+        trained = set(train_csv["id"]) - held
+        assert not {groups[i] for i in held} & {groups[i] for i in trained}
+        metrics = json.loads((artifacts / f"fold-{k}" / "train_metrics.json").read_text())
+        assert metrics["train_rows"] == len(trained)
+        assert (artifacts / f"fold-{k}" / "lora_adapter" / "adapter_config.json").is_file()
+    assert report["oof_rows"] == len(train_csv) and len(report["per_fold"]) == 2
+    assert report["oof_accuracy"] == pytest.approx((oof["answer"] == oof["true"]).mean(), abs=1e-4)
+    assert (artifacts / "folds.png").stat().st_size > 1000
+    stamp = (artifacts / "fold-0" / "lora_adapter" / "adapter_model.safetensors").stat().st_mtime
+    train_folds(config)  # finished folds are found, not trained again
+    assert (artifacts / "fold-0" / "lora_adapter" / "adapter_model.safetensors").stat(
+        ).st_mtime == stamp
+
+    submit_folds(config)
+    mean = sum(pd.read_csv(artifacts / f"fold-{k}" / "probabilities.csv", dtype={"id": str})
+               .set_index("id")[["p_a", "p_b", "p_c", "p_d"]] for k in (0, 1)) / 2
+    blended = pd.read_csv(artifacts / "probabilities.csv", dtype={"id": str}).set_index("id")
+    assert (blended[["p_a", "p_b", "p_c", "p_d"]] - mean.loc[blended.index]).abs().max().max() \
+        < 1e-5
+    submission = pd.read_csv(artifacts / "submission.csv", dtype=str)
+    test = pd.read_csv(run_dir / "data" / "test.csv", dtype=str)
+    assert sorted(submission["id"]) == sorted(test["id"]) and submission["id"].is_unique
+
+    out = tmp_path / "blend"
+    ensemble(load_config([f"DATA_DIR={run_dir / 'data'}", f"ARTIFACTS_DIR={out}",
+                          f"RUNS={artifacts}"], environ={}))
+    assert list(pd.read_csv(out / "submission.csv", dtype=str)["answer"]) == list(
+        submission["answer"])
