@@ -24,7 +24,7 @@ BENCH_RUN = PYTHONPATH=$(CURDIR) PYTHONUNBUFFERED=1 $(PY) scripts/$(1).py \
 # than the reference's 2e-4 for a 7B. A user's own setting still wins (it comes later).
 DEMO_SETTINGS ?= LR=2e-3
 
-.PHONY: help setup tools data model preflight train eval submit demo bench bench-gpus bench-memory test lock clean
+.PHONY: help setup tools data model preflight train eval submit ensemble demo bench bench-gpus bench-memory test lock clean
 
 help: ## list targets and settings
 	@echo "vqa: fine-tune Qwen VL models with 4-bit QLoRA on multiple-choice VQA and predict test.csv"
@@ -37,6 +37,7 @@ help: ## list targets and settings
 	@echo "  LORA_DROPOUT LORA_TARGETS PRED_BATCH_SIZE MAX_NEW_TOKENS MAX_SEQUENCE_LENGTH EPOCHS LR"
 	@echo "  SEED MIN_PIXELS MAX_PIXELS QUANT(4bit|none) INFER_MODE(score|generate) VAL_SAMPLE"
 	@echo "  UNCHECKPOINTED_LAYERS UNCHECKPOINTED_ATTENTION TARGET_GPU TARGET_GPU_MEMORY"
+	@echo "  TTA(none|rotate) CALIBRATE(none|prior) CALIBRATE_SHARE SHUFFLE_OPTIONS FOLDS FOLD RUNS"
 	@echo "  DATA_TRAIN_ROWS DATA_TEST_ROWS BASE_PRETRAIN_STEPS NUM_THREADS ... (README: Settings)"
 	@echo "Benchmarks also take CAP=24GiB BENCH_MODELS BENCH_IMAGES BENCH_WORK BENCH_BATCHES ..."
 	@echo "  (vqa/config.py: BenchConfig)"
@@ -77,6 +78,9 @@ eval: $(STAMP) ## validation accuracy per letter (+ test accuracy when a key exi
 
 submit: $(STAMP) ## predict every test row into ARTIFACTS_DIR/submission.csv
 	$(call RUN,submit)
+
+ensemble: $(STAMP) ## soft-average several runs' probabilities (RUNS=dir1,dir2) into submission.csv
+	$(call RUN,ensemble)
 
 demo: $(STAMP) ## the whole job on the embedded default: data model preflight train eval submit
 	$(call RUN,data)

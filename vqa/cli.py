@@ -28,8 +28,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
 DISTRIBUTED_STAGES = {"train", "submit"}
 
 
-def run_stage(name: str, stage: Callable[[Config], int | None], argv: list[str] | None = None) -> int:
+def run_stage(name: str, stage: Callable[[Config], int | None], argv: list[str] | None = None,
+              before: Callable[[Config], None] | None = None) -> int:
     """Parses the config, prints and saves it, runs `stage`, and turns user errors into one line.
+    `before`: a check that must pass before anything is written to ARTIFACTS_DIR.
 
     With NPROC > 1, train and submit rerun themselves under torchrun (vqa/distributed.py); the
     config is then printed and saved by rank 0 only. Returns the process exit code: the
@@ -50,6 +52,12 @@ def run_stage(name: str, stage: Callable[[Config], int | None], argv: list[str] 
     if config.nproc > 1 and name in DISTRIBUTED_STAGES and not distributed.launched():
         args = sys.argv[1:] if argv is None else argv
         return distributed.launch(name, config.nproc, [sys.argv[0], *args])
+    try:
+        if before is not None:
+            before(config)
+    except _user_errors() as exc:
+        print(f"vqa {name}: error: {exc}", file=sys.stderr)
+        return 2
     if config.num_threads:
         import torch
 
@@ -74,5 +82,6 @@ def run_stage(name: str, stage: Callable[[Config], int | None], argv: list[str] 
     return code if isinstance(code, int) else 0
 
 
-def main(name: str, stage: Callable[[Config], int | None]) -> None:
-    sys.exit(run_stage(name, stage))
+def main(name: str, stage: Callable[[Config], int | None],
+         before: Callable[[Config], None] | None = None) -> None:
+    sys.exit(run_stage(name, stage, before=before))
