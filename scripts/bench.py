@@ -23,6 +23,9 @@ Korean-length question, four options) at each image size of BENCH_IMAGES:
            function (vqa.predict.predict_rows) at the plan's PRED_BATCH_SIZE; at the largest
            batch the planner predicts to stay within the reference's measured peak; and
            INFER_MODE=generate.
+  rotate   the same model and batch on the same rows with TTA=rotate (each row asked under
+           its 4 option shifts, as make submit TTA=rotate asks them) against TTA=none: time per
+           test row, and the ratio.
   train    also vqa at the largest micro-batch predicted within the reference's peak.
 
 Prints samples/s or s/item, peak reserved, ours/reference, and the distance to the arithmetic
@@ -611,6 +614,50 @@ def bench_predict(bench: Bench, cases: list[Case]) -> None:
     bench.write()
 
 
+def bench_rotate(bench: Bench, cases: list[Case]) -> None:
+    """TTA=rotate against plain scoring, in the same run on the same rows at the plan's batch,
+    with the model as make submit loads it (an untrained adapter)."""
+    from peft import get_peft_model
+
+    from vqa.model import load_for_inference
+    from vqa.options import SHIFTS, expanded, rotated_ids
+    from vqa.predict import predict_rows
+
+    first = cases[0]
+    adapter = bench.scratch / "untrained-adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        base = load_base(first.config, for_training=False, stock_vision=False)
+        get_peft_model(base, reference_lora(first.config)).save_pretrained(adapter)
+        base = None
+        free(bench)
+    bench.allocator(expandable=True)
+    model, _ = load_for_inference(first.config, adapter, first.processor, mode="score")
+    for case in cases:
+        batch, rows = case.plan.pred_batch_size, case.test
+        workers = case.config.loader_workers(bench.cuda)
+
+        def ours(asked):
+            return lambda warm: predict_rows(model, case.processor,
+                                             asked[:batch] if warm else asked, case.data,
+                                             batch_size=batch, mode="score", workers=workers)
+
+        plain = predict_row(bench, case, "vqa: score, TTA=none", batch,
+                            timed_predict(bench, ours(rows), len(rows)))
+        asked = expanded(rows, rotated_ids(rows, "rotate"))
+        rotated = predict_row(bench, case, "vqa: score, TTA=rotate (time per test row)", batch,
+                              timed_predict(bench, ours(asked), len(rows)))
+        if rotated.get("x_floor"):
+            rotated["x_floor"] = round(rotated["x_floor"] / SHIFTS, 1)  # per row asked
+        if plain.get("s_per_item") and rotated.get("s_per_item"):
+            rotated["x_plain_time"] = round(rotated["s_per_item"] / plain["s_per_item"], 2)
+        print(f"rotate {case.arch.name} {case.name}: TTA=rotate {rotated.get('s_per_item')} vs "
+              f"TTA=none {plain.get('s_per_item')} s per test row "
+              f"({rotated.get('x_plain_time')}x) at batch {batch}", flush=True)
+    model = None
+    free(bench)
+    bench.write()
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -648,9 +695,11 @@ def bench_model(bench: Bench, model_dir: Path, scratch: Path) -> None:
                           read_table(data / "train.csv", with_answer=True).to_dict("records"),
                           read_table(data / "test.csv", with_answer=False).to_dict("records"),
                           plan, processor))
-    works = bench.settings.listed("bench_work", "predict,train")
+    works = bench.settings.listed("bench_work", "predict,rotate,train")
     if "predict" in works:
         bench_predict(bench, cases)
+    if "rotate" in works:
+        bench_rotate(bench, cases)
     if "train" in works:
         bench_train(bench, cases)
 

@@ -44,7 +44,10 @@ def test_bench_runs_every_phase_on_cpu(tiny_model_dir, tmp_path):
             ("train", "+ expandable allocator segments"),
             ("predict", "preparation alone (images + processor, one process)"),
             ("train", "+ grouped vision attention"),
-            ("train", "+ loss at the labelled positions")} <= set(rows)
+            ("train", "+ loss at the labelled positions"),
+            ("predict", "vqa: score, TTA=none"),
+            ("predict", "vqa: score, TTA=rotate (time per test row)")} <= set(rows)
+    assert rows[("predict", "vqa: score, TTA=rotate (time per test row)")]["x_plain_time"] > 0
     assert not any(r.get("oom") for r in report["results"])
     curves = report["curves"]
     assert len(curves) == 2 and all(len(c) == 2 for c in curves.values())  # 2 steps each
