@@ -71,3 +71,99 @@ def test_two_ranks_predict_disjoint_batches_and_merge_into_the_single_process_fi
     assert ids0 and ids1 and not ids0 & ids1  # disjoint shards
     test_ids = set(pd.read_csv(data_dir / "test.csv", dtype=str)["id"])
     assert {str(i) for i in ids0 | ids1} == test_ids
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _nodes(script: str, folders: list[Path], data: Path, *settings: str, timeout: int = 900):
+    """`script` launched as node 0 and node 1 of two (one process each) on this host, gloo over
+    127.0.0.1; node r uses folders[r] as ARTIFACTS_DIR. Returns both finished processes."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, f"scripts/{script}.py",
+                               f"ARTIFACTS_DIR={folders[rank]}", f"DATA_DIR={data}", *settings,
+                               "NNODES=2", f"NODE_RANK={rank}", "MASTER_ADDR=127.0.0.1",
+                               f"MASTER_PORT={port}", "RENDEZVOUS_TIMEOUT=120"],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (1, 0)]  # node 1 first: it waits
+    outputs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)][::-1]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_and_submit_as_one_process_does(tiny_model_dir, data_dir, tmp_path):
+    """Two launchers as two "nodes" of one process each: the adapter equals the one-process
+    adapter at the same effective batch, and the merged submission equals one process's."""
+    from safetensors.torch import load_file
+
+    settings = ["EPOCHS=1", "VAL_SAMPLE=8", "PER_DEVICE_BATCH=4", "EFFECTIVE_BATCH_SIZE=8",
+                "LORA_DROPOUT=0", "PRED_BATCH_SIZE=4"]
+    one, two, single = tmp_path / "one", tmp_path / "two", tmp_path / "single"
+    for folder in (one, two, single):
+        shutil.copytree(tiny_model_dir, folder / "base-model")
+    _run("train", one, data_dir, *settings)
+    nodes = _nodes("train", [two, two], data_dir, *settings)
+    for code, out, err in nodes:
+        assert code == 0, out[-1500:] + err[-3000:]
+    assert "--nnodes=2 --node_rank=0" in nodes[0][1]
+    metrics = json.loads((two / "train_metrics.json").read_text())
+    alone = json.loads((one / "train_metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["gradient_accumulation"] == 1
+    assert alone["world_size"] == 1 and alone["gradient_accumulation"] == 2
+    assert metrics["optimizer_steps"] == alone["optimizer_steps"] == 9
+    ours = load_file(two / "lora_adapter" / "adapter_model.safetensors")
+    theirs = load_file(one / "lora_adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert (ours[name] - theirs[name]).abs().max() <= 1e-4 + 1e-3 * theirs[name].abs().max()
+
+    nodes = _nodes("submit", [two, two], data_dir, *settings)
+    for code, out, err in nodes:
+        assert code == 0, out[-1500:] + err[-3000:]
+    shutil.copytree(two / "lora_adapter", single / "lora_adapter")
+    _run("submit", single, data_dir, *settings)
+    assert (two / "submission.csv").read_bytes() == (single / "submission.csv").read_bytes()
+    assert (two / "predictions.journal.rank1.jsonl").is_file()  # node 1's rank journals its own
+
+
+@pytest.mark.slow
+def test_nodes_that_do_not_share_artifacts_stop_with_one_line(tiny_model_dir, data_dir,
+                                                              tmp_path):
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        shutil.copytree(tiny_model_dir, folder / "base-model")
+    nodes = _nodes("train", folders, data_dir, "EPOCHS=1", "PER_DEVICE_BATCH=4",
+                   "EFFECTIVE_BATCH_SIZE=8")
+    assert nodes[0][0] != 0 and nodes[1][0] != 0
+    assert (f"vqa train: error: rank(s) 1 do not see ARTIFACTS_DIR={folders[0]} as rank 0 "
+            f"wrote it") in nodes[0][2]
+    assert not (folders[0] / "lora_adapter").exists()
+
+
+def test_a_node_that_cannot_reach_the_master_says_where_in_one_line(tmp_path):
+    port = _free_port()  # nothing listens there
+    done = subprocess.run([sys.executable, "scripts/train.py", f"ARTIFACTS_DIR={tmp_path}",
+                           "NNODES=2", "NODE_RANK=1", "MASTER_ADDR=127.0.0.1",
+                           f"MASTER_PORT={port}", "RENDEZVOUS_TIMEOUT=2"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"vqa train: error: cannot reach the master node at 127.0.0.1:{port} "
+                           f"within 2 s")
+
+
+def test_several_nodes_need_a_master_and_a_rank_among_them():
+    from vqa.config import ConfigError, load_config
+
+    assert load_config(["NNODES=2", "MASTER_ADDR=10.0.0.1"], environ={}).world_size == 2
+    with pytest.raises(ConfigError, match="NNODES=2 needs MASTER_ADDR"):
+        load_config(["NNODES=2"], environ={})
+    with pytest.raises(ConfigError, match="NODE_RANK=2: must lie in 0..NNODES-1"):
+        load_config(["NNODES=2", "NODE_RANK=2", "MASTER_ADDR=h"], environ={})
+    with pytest.raises(ConfigError, match="PER_DEVICE_BATCH=4 x NPROC=1 x NNODES=3"):
+        load_config(["NNODES=3", "MASTER_ADDR=h", "PER_DEVICE_BATCH=4"], environ={})

@@ -169,3 +169,20 @@ def test_dockerignore_keeps_data_artifacts_and_venvs_out():
 @pytest.mark.parametrize("target", ["preflight", "train", "submit"])
 def test_readme_shows_the_compose_commands(target):
     assert f"docker compose run --rm vqa make {target}" in (ROOT / "README.md").read_text()
+
+
+def test_the_multinode_service_uses_the_host_network_and_shared_artifacts():
+    import yaml
+
+    done = _compose("--profile", "multinode", "config",
+                    env={"HOST_ARTIFACTS_DIR": "/mnt/nfs/run1", "NNODES": "2", "NODE_RANK": "1",
+                         "MASTER_ADDR": "10.0.0.1"})
+    assert done.returncode == 0, done.stderr
+    node = yaml.safe_load(done.stdout)["services"]["node"]
+    assert node["network_mode"] == "host"
+    assert "/mnt/nfs/run1:/artifacts:rw" in node["volumes"]  # a host path, not a named volume
+    env = node["environment"]
+    assert (env["NNODES"], env["NODE_RANK"], env["MASTER_ADDR"]) == ("2", "1", "10.0.0.1")
+    assert node["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "docker compose --profile multinode run --rm node make train" in (
+        ROOT / "README.md").read_text()

@@ -49,9 +49,9 @@ def run_stage(name: str, stage: Callable[[Config], int | None], argv: list[str] 
     except ConfigError as exc:
         print(f"vqa {name}: error: {exc}", file=sys.stderr)
         return 2
-    if config.nproc > 1 and name in DISTRIBUTED_STAGES and not distributed.launched():
+    if config.world_size > 1 and name in DISTRIBUTED_STAGES and not distributed.launched():
         args = sys.argv[1:] if argv is None else argv
-        return distributed.launch(name, config.nproc, [sys.argv[0], *args])
+        return distributed.launch(name, config, [sys.argv[0], *args])
     try:
         if before is not None:
             before(config)

@@ -83,6 +83,12 @@ class Config:
     base_pretrain_steps: int = 2000  # full fine-tuning steps that pretrain the tiny base model
     # housekeeping
     nproc: int = 1  # processes (GPUs) for train and submit; >1 runs them under torchrun
+    # several hosts: NNODES of them, this one NODE_RANK (0 = the master, which MASTER_ADDR names)
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = ""
+    master_port: int = 29500
+    rendezvous_timeout: int = 300  # seconds the nodes wait for each other
     num_threads: int | None = None  # CPU threads for torch; None = torch's default
     # processes that load images and run the processor while the GPU works; None = auto
     dataloader_workers: int | None = None
@@ -103,6 +109,11 @@ class Config:
 
             cuda = torch.cuda.is_available()
         return min(4, (os.cpu_count() or 1) - 1) if cuda else 0
+
+    @property
+    def world_size(self) -> int:
+        """Ranks in all: NPROC on each of NNODES hosts."""
+        return self.nproc * self.nnodes
 
     @property
     def resolved_model_id(self) -> str:
@@ -160,8 +171,8 @@ def _parse_value(knob: str, raw: str, annotation):
 
 _POSITIVE = {"per_device_batch", "effective_batch_size", "lora_r", "lora_alpha", "epochs",
              "pred_batch_size", "max_new_tokens", "val_sample", "max_sequence_length",
-             "min_pixels", "max_pixels", "num_threads", "nproc",
-             "base_pretrain_steps"}
+             "min_pixels", "max_pixels", "num_threads", "nproc", "nnodes",
+             "rendezvous_timeout", "base_pretrain_steps"}
 _FRACTIONS = {"lora_dropout", "warmup_ratio"}
 
 
@@ -204,11 +215,20 @@ def _check(config: Config) -> None:
         raise ConfigError(str(exc)) from None
     if config.min_pixels and config.max_pixels and config.min_pixels > config.max_pixels:
         raise ConfigError(f"MIN_PIXELS={config.min_pixels} exceeds MAX_PIXELS={config.max_pixels}")
+    if not 0 <= config.node_rank < config.nnodes:
+        raise ConfigError(f"NODE_RANK={config.node_rank}: must lie in 0..NNODES-1 "
+                          f"(NNODES={config.nnodes})")
+    if config.nnodes > 1 and not config.master_addr:
+        raise ConfigError(f"NNODES={config.nnodes} needs MASTER_ADDR: the address of node 0, "
+                          f"reachable from every node")
+    if not 1 <= config.master_port <= 65535:
+        raise ConfigError(f"MASTER_PORT={config.master_port}: must lie in 1..65535")
     if config.per_device_batch and config.effective_batch_size % (config.per_device_batch
-                                                                    * config.nproc):
+                                                                    * config.world_size):
+        nodes = f" x NNODES={config.nnodes}" if config.nnodes > 1 else ""
         raise ConfigError(
             f"EFFECTIVE_BATCH_SIZE={config.effective_batch_size} is not a multiple of "
-            f"PER_DEVICE_BATCH={config.per_device_batch} x NPROC={config.nproc}")
+            f"PER_DEVICE_BATCH={config.per_device_batch} x NPROC={config.nproc}{nodes}")
 
 
 def _load(cls, knobs: dict[str, str], argv: list[str] | None, environ: dict | None,

@@ -69,6 +69,7 @@ def submit(config: Config) -> dict:
     journal = PredictionJournal(journal_path(main_journal, here.rank), signature)
     journal.load()  # each rank tidies its own journal (another run's is set aside)
     distributed.barrier()
+    distributed.check_shared(config.artifacts_dir)
     done, _ = read_all(main_journal, signature)
     test_rows = test.to_dict("records")
     # TTA=rotate: every row under its 4 option shifts; CALIBRATE=prior: the prior's share too

@@ -139,7 +139,9 @@ _NOT_TRAINING = {"PRED_BATCH_SIZE", "MAX_NEW_TOKENS", "INFER_MODE", "DATA_TRAIN_
                  # effective batch, and kept layers only skip recomputation
                  "PER_DEVICE_BATCH", "UNCHECKPOINTED_LAYERS", "UNCHECKPOINTED_ATTENTION",
                  # how eval and submit ask, and what make ensemble blends
-                 "TTA", "CALIBRATE", "CALIBRATE_SHARE", "RUNS"}
+                 "TTA", "CALIBRATE", "CALIBRATE_SHARE", "RUNS",
+                 # where this host sits among several: the same run on every node
+                 "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RENDEZVOUS_TIMEOUT"}
 
 
 def train_signature(config: Config) -> dict:
@@ -269,9 +271,11 @@ def train(config: Config) -> dict:
     plan = stage_plan(config, "train", processor) if here.is_main else None
     distributed.barrier()
     plan = plan or stage_plan(config, "train", processor)
-    if plan.nproc != here.size:
-        raise ConfigError(f"the plan is for NPROC={plan.nproc} but {here.size} rank(s) run: "
-                        f"start training with `make train NPROC={here.size}`")
+    if plan.ranks != here.size:
+        raise ConfigError(f"the plan is for {plan.ranks} rank(s) (NPROC={plan.nproc} x "
+                          f"NNODES={plan.nnodes}) but {here.size} run: start training with "
+                          f"the NPROC and NNODES of the plan")
+    distributed.check_shared(artifacts)
     train_rows, val_rows, skipped = split_rows(config, processor)
     model = attach_lora(load_model(config, for_training=True), config,
                         uncheckpointed_layers=plan.uncheckpointed_layers,

@@ -63,7 +63,8 @@ class Plan:
     pred_batch_size: int
     uncheckpointed_layers: int = 0  # the last decoder layers trained without checkpointing
     uncheckpointed_attention: int = 0  # the layers below those that checkpoint only their MLP
-    nproc: int = 1
+    nproc: int = 1  # ranks on each host
+    nnodes: int = 1  # hosts
     effective_batch_size: int = 16
     infer_mode: str = "score"
     verdict: str = "fits"  # fits | will run out of memory | not planned ... | CPU run
@@ -79,6 +80,10 @@ class Plan:
     suggested_max_pixels: int | None = None
     suggested_visual_tokens: int | None = None
     gpus_found: int = 0
+
+    @property
+    def ranks(self) -> int:
+        return self.nproc * self.nnodes
 
     def decision(self, knob: str) -> dict:
         return next(d for d in self.decisions if d["knob"] == knob)
@@ -185,7 +190,7 @@ def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget
               plan: Plan) -> None:
     margin = margin_for(arch)
     limit = budget.usable_bytes * (1 - margin)
-    per_rank = max(1, config.effective_batch_size // config.nproc)
+    per_rank = max(1, config.effective_batch_size // config.world_size)
     train = {b: train_estimate(config, arch, work, b)
              for b in range(1, per_rank + 1) if per_rank % b == 0}
     # The prediction batch's own limits: MAX_PRED_BATCH, or every row when there are fewer.
@@ -245,7 +250,7 @@ def _gpu_plan(config: Config, arch: Architecture, work: Workload, budget: Budget
 def _cpu_batch(config: Config) -> int:
     """The largest divisor of the effective batch per rank up to CPU_MAX_MICRO_BATCH, so
     accumulation keeps the effective batch exact."""
-    per_rank = max(1, config.effective_batch_size // config.nproc)
+    per_rank = max(1, config.effective_batch_size // config.world_size)
     return max(d for d in range(1, min(per_rank, CPU_MAX_MICRO_BATCH) + 1) if per_rank % d == 0)
 
 
@@ -254,7 +259,8 @@ def plan_batches(config: Config, budget: Budget | None, arch: Architecture | Non
     """The run's batch sizes and checkpointing: the user's settings where made, else the
     planner's: from the peak-VRAM model on a GPU budget (with the architecture and the data's
     workload), the reference micro-batch without an architecture, CPU batches without a GPU."""
-    plan = Plan(0, 0, 0, nproc=config.nproc, effective_batch_size=config.effective_batch_size,
+    plan = Plan(0, 0, 0, nproc=config.nproc, nnodes=config.nnodes,
+                effective_batch_size=config.effective_batch_size,
                 infer_mode=config.infer_mode, gpus_found=gpus_found)
     if budget is not None and arch is not None and work is not None:
         _gpu_plan(config, arch, work, budget, plan)
@@ -277,7 +283,7 @@ def plan_batches(config: Config, budget: Budget | None, arch: Architecture | Non
         plan.per_device_batch, plan.pred_batch_size = decisions[0].value, decisions[1].value
         plan.uncheckpointed_layers, plan.uncheckpointed_attention = kept[0].value, kept[1].value
     plan.gradient_accumulation = gradient_accumulation(
-        config.effective_batch_size, plan.per_device_batch, config.nproc)
+        config.effective_batch_size, plan.per_device_batch, config.world_size)
     return plan
 
 

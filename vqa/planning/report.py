@@ -92,15 +92,18 @@ def budget_line(plan: dict) -> str | None:
 
 def ranks_lines(plan: dict) -> list[str]:
     lines = []
-    micro, accumulation, ranks = (plan["per_device_batch"], plan["gradient_accumulation"],
-                                  plan["nproc"])
+    micro, accumulation, per_host = (plan["per_device_batch"], plan["gradient_accumulation"],
+                                     plan["nproc"])
+    nodes = plan.get("nnodes", 1)
+    ranks = per_host * nodes
     if plan["gpus_found"]:
         lines.append(f"{plan['gpus_found']} GPU(s) found; the plan is per GPU")
-        if ranks > plan["gpus_found"]:
-            lines.append(f"NPROC={ranks} exceeds the {plan['gpus_found']} GPU(s) found: set "
+        if per_host > plan["gpus_found"]:
+            lines.append(f"NPROC={per_host} exceeds the {plan['gpus_found']} GPU(s) found: set "
                          f"NPROC={plan['gpus_found']} or fewer")
     if ranks > 1:
-        lines.append(f"NPROC={ranks}: micro-batch {micro} x accumulation {accumulation} x "
+        where = f"NPROC={per_host} x NNODES={nodes}" if nodes > 1 else f"NPROC={ranks}"
+        lines.append(f"{where}: micro-batch {micro} x accumulation {accumulation} x "
                      f"{ranks} ranks = {micro * accumulation * ranks} per optimizer step; each "
                      f"rank predicts every {ranks}th batch")
     if micro * accumulation * ranks != plan["effective_batch_size"]:
@@ -143,8 +146,8 @@ def stage_lines(plan: dict, stage: str) -> list[str]:
     knobs = STAGE_KNOBS[stage]
     lines = [reason(d, plan) for d in plan["decisions"] if d["knob"] in knobs]
     if stage == "train":
-        micro, accumulation, ranks = (plan["per_device_batch"], plan["gradient_accumulation"],
-                                      plan["nproc"])
+        micro, accumulation = plan["per_device_batch"], plan["gradient_accumulation"]
+        ranks = plan["nproc"] * plan.get("nnodes", 1)
         lines.append(f"micro-batch {micro} x accumulation {accumulation} x {ranks} rank(s) = "
                      f"{micro * accumulation * ranks} rows per optimizer step")
     peak = plan["train_peak" if stage == "train" else "predict_peak"]
