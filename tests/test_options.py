@@ -106,8 +106,12 @@ def test_calibration_alone_rotates_a_seeded_share_and_debiases_the_rest():
     probs = {r["id"]: score(r) for r in asked}
     prior = letter_prior(rows, probs, rotated)
     assert prior == pytest.approx([b / sum(bias) for b in bias], abs=1e-9)
-    answers, _ = final_answers(rows, {}, probs, rotated, prior)
+    answers, calibrated = final_answers(rows, {}, probs, rotated, prior, average=False)
     assert all(answers[r["id"]] == r["answer"] for r in rows)
+    # a rotated row answers from its options as given, like the rest: the shifts only estimate
+    row = rows[[r["id"] for r in rows].index(sorted(rotated)[0])]
+    as_given = debiased(probs[rotation_id(row["id"], 0)], prior)
+    assert calibrated[row["id"]] == pytest.approx(as_given)
     assert debiased([0.5, 0.5, 0, 0], [0.25, 0.75, 0, 0][:2] + [0.5, 0.5]) == pytest.approx(
         [0.75, 0.25, 0, 0])
 

@@ -85,7 +85,8 @@ def evaluate(config: Config) -> dict:
         probs = result.letter_probs
         prior = (letter_prior(rows, probs, rotated) if options and config.calibrate == "prior"
                  else None)
-        answers, mean = final_answers(rows, result.answers, probs, rotated, prior)
+        answers, mean = final_answers(rows, result.answers, probs, rotated, prior,
+                                      average=config.tta == "rotate")
         return answers, mean, {"raw": per_shift(rows, probs, rotated),
                                "calibrated": per_shift(rows, probs, rotated, prior),
                                "prior": prior, "rotated": len(rotated)}

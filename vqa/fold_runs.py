@@ -85,7 +85,8 @@ def out_of_fold(config: Config, processor) -> pd.DataFrame:
                           workers=config.loader_workers())
     prior = (letter_prior(held, result.letter_probs, rotated) if config.calibrate == "prior"
              else None)
-    answers, probs = final_answers(held, result.answers, result.letter_probs, rotated, prior)
+    answers, probs = final_answers(held, result.answers, result.letter_probs, rotated, prior,
+                                   average=config.tta == "rotate")
     frame = write_probabilities(path, [r["id"] for r in held], answers, probs,
                                 {r["id"]: r["answer"] for r in held}).assign(fold=config.fold)
     write_text_atomic(path, frame.to_csv(index=False))

@@ -14,8 +14,9 @@ belief(option). Asked under the four shifts, a row shows every option at every l
 geometric mean of each letter's probability over the shifts holds the prior alone: averaged over
 a share of the rows (CALIBRATE_SHARE, chosen by a seeded hash of the id), that is the estimate.
 It is then divided out of every asked probability vector and renormalised, before anything is
-mapped back. Alone, it costs 3 extra passes on that share; with TTA=rotate every row is rotated
-already, so the prior comes from all of them at no cost, and dividing it out of each shift
+mapped back. Alone, it costs 3 extra passes on that share, and every row (that share too)
+answers from its options as given with the prior divided out; with TTA=rotate every row is
+rotated already, so the prior comes from all of them at no cost, and dividing it out of each shift
 makes the average exact for a pure letter prior and makes each shift's own answer (what
 CircularEval counts) unbiased, which averaging alone does not.
 
@@ -149,16 +150,19 @@ def margin(probs: list[float]) -> float:
 
 
 def final_answers(rows: list[dict], answers: dict[str, str], probs: dict[str, list[float]],
-                  rotated: frozenset[str] = frozenset(), prior: list[float] | None = None
-                  ) -> tuple[dict[str, str], dict[str, list[float]]]:
+                  rotated: frozenset[str] = frozenset(), prior: list[float] | None = None,
+                  average: bool = True) -> tuple[dict[str, str], dict[str, list[float]]]:
     """Each row's answer and option probabilities from what was asked: the mean over the
-    shifts asked, the prior divided out first when given (the argmax is the answer). A row
-    asked once without a prior keeps the answer given and, in score mode, its probabilities
-    (generate mode has none)."""
+    shifts asked, the prior divided out first when given (the argmax is the answer). With
+    `average` False (CALIBRATE=prior without TTA=rotate) a rotated row answers from its options
+    as given, like every other row: its other shifts only estimated the prior. A row asked once
+    without a prior keeps the answer given and, in score mode, its probabilities (generate mode
+    has none)."""
     if not rotated and prior is None:
         return ({r["id"]: answers[r["id"]] for r in rows},
                 {r["id"]: probs[r["id"]] for r in rows if r["id"] in probs})
-    mean = combined(per_shift(rows, probs, rotated, prior))
+    shifts = per_shift(rows, probs, rotated, prior)
+    mean = combined(shifts if average else {i: ps[:1] for i, ps in shifts.items()})
     return {i: argmax_letter(p) for i, p in mean.items()}, mean
 
 

@@ -93,7 +93,8 @@ def submit(config: Config) -> dict:
     asked_answers, asked_text_only, asked_probs = read_journals(main_journal, signature)
     prior = (letter_prior(test_rows, asked_probs, rotated) if config.calibrate == "prior"
              else None)
-    answers, probs = final_answers(test_rows, asked_answers, asked_probs, rotated, prior)
+    answers, probs = final_answers(test_rows, asked_answers, asked_probs, rotated, prior,
+                                   average=config.tta == "rotate")
     own = original_ids(test_rows, rotated)
     text_only = {own[i]: why for i, why in asked_text_only.items()}
     path = config.artifacts_dir / "submission.csv"
