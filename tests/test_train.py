@@ -128,3 +128,31 @@ def test_shuffle_options_reorders_the_training_rows_each_epoch_and_never_validat
     validation = [(row, out) for seed, _, row, out in seen if seed is None]
     assert validation and all(row is out for row, out in validation)
     assert metrics["signature"]["settings"]["SHUFFLE_OPTIONS"] == 1
+
+
+def test_training_writes_tensorboard_events_and_a_memory_panel(small_data, tiny_model_dir,
+                                                               tmp_path):
+    """A CPU `make train`: loss, learning rate, validation accuracy, tokens/s and the process's
+    memory as TensorBoard scalars under ARTIFACTS_DIR/runs, and in train_metrics.json."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vqa.train import train
+
+    config = load_config([f"DATA_DIR={small_data}", f"MODEL_ID={tiny_model_dir}",
+                          f"ARTIFACTS_DIR={tmp_path}", "EPOCHS=2", "PER_DEVICE_BATCH=1",
+                          "EFFECTIVE_BATCH_SIZE=1", "VAL_FRACTION=0.25", "QUANT=none"],
+                         environ={})
+    metrics = train(config)
+    runs = list((tmp_path / "runs").glob("train-*"))
+    assert len(runs) == 1 and list(runs[0].glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(runs[0]))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/tokens_per_second",
+            "train/cpu_rss_gib", "eval/accuracy"} <= scalars
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses and all(v > 0 for v in losses)
+    memory = [h["cpu_rss_gib"] for h in metrics["log_history"] if "cpu_rss_gib" in h]
+    assert memory and all(0.05 < m < 64 for m in memory)
+    assert [e.value for e in events.Scalars("train/cpu_rss_gib")] == pytest.approx(memory)
+    assert (tmp_path / "train_curve.png").stat().st_size > 1000

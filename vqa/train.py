@@ -14,7 +14,8 @@ Reads top to bottom like the reference setup:
   with patience EARLY_STOPPING_PATIENCE; the best checkpoint is loaded at the end.
 - Labels only on the answer letter and <|im_end|>; logits only where the labels are
   (vqa/trainer.py: the step, with its out-of-memory back-off).
-Writes lora_adapter/ (peft format), train_metrics.json and train_curve.png to ARTIFACTS_DIR.
+Writes lora_adapter/ (peft format), train_metrics.json and train_curve.png (loss, validation
+accuracy, memory) to ARTIFACTS_DIR, and TensorBoard events to ARTIFACTS_DIR/runs/.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from vqa.options import shuffled_options
 from vqa.planning.planner import Plan
 from vqa.planning.runplan import stage_plan
 from vqa.speed import labelled_loss
-from vqa.trainer import backoff_trainer_class, letter_metrics, step_seconds, step_timer
+from vqa.trainer import (backoff_trainer_class, letter_metrics, step_seconds, step_timer,
+                         tensorboard_callback)
 
 log = logging.getLogger("vqa")
 
@@ -232,6 +234,9 @@ def build_trainer(config: Config, plan: Plan, model, processor, train_rows: list
     if max_steps is None:
         callbacks.append(EarlyStoppingCallback(
             early_stopping_patience=config.early_stopping_patience))
+        if distributed.world().is_main:  # `tensorboard --logdir ARTIFACTS_DIR/runs`
+            callbacks.append(tensorboard_callback(
+                config.artifacts_dir / "runs" / time.strftime("train-%Y%m%d-%H%M%S")))
     return backoff_trainer_class()(
         model=model,
         args=training_arguments(config, micro, accumulation, steps_per_epoch, output_dir,
@@ -346,11 +351,13 @@ def train(config: Config) -> dict:
     partial.rename(adapter_dir)
 
     write_json_atomic(metrics_path, metrics)
-    plot_curves(history, artifacts / "train_curve.png")
+    plot_curves(history, artifacts / "train_curve.png", (plan.train_peak or {}).get("reserved_gib"))
     return metrics
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict], path: Path, predicted_peak_gib: float | None = None) -> None:
+    """Loss, validation accuracy and memory over optimizer steps; the memory panel has the
+    plan's predicted peak beside the measured one (GPU), or the process's memory (CPU)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -361,7 +368,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     evals = [(h["step"], h["eval_accuracy"], h.get("eval_loss")) for h in history
              if "eval_accuracy" in h]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_loss, ax_acc, ax_mem) = plt.subplots(1, 3, figsize=(15, 3.6))
     if train:
         ax_loss.plot(*zip(*train), label="train loss")
     if evals:
@@ -373,5 +380,22 @@ def plot_curves(history: list[dict], path: Path) -> None:
                ylim=(0, 1))
     ax_acc.axhline(0.25, color="gray", linestyle=":", label="chance")
     ax_acc.legend()
+    memory_panel(ax_mem, history, predicted_peak_gib)
     save_figure_atomic(fig, path)
     plt.close(fig)
+
+
+def memory_panel(ax, history: list[dict], predicted_peak_gib: float | None) -> None:
+    series = [("gpu_peak_reserved_gib", "GPU peak reserved"), ("gpu_reserved_gib", "GPU reserved"),
+              ("cpu_rss_gib", "process resident (CPU run)")]
+    for key, label in series:
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            ax.plot(*zip(*points), label=label)
+    if predicted_peak_gib:
+        ax.axhline(predicted_peak_gib, color="tab:red", linestyle="--",
+                   label=f"plan's predicted peak {predicted_peak_gib:.1f} GiB")
+    ax.set(xlabel="optimizer step", ylabel="GiB", title="Memory")
+    ax.set_ylim(bottom=0)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)

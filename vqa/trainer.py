@@ -72,6 +72,8 @@ def backoff_trainer_class():
             self.oom_events: list[dict] = []
             self._window: list[tuple[dict, object]] = []  # micro-batches since the optimizer step
             self._window_step = -1
+            self._tokens = 0  # tokens trained on since the last log line, and when it was
+            self._tokens_since = None
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             inputs = {k: v for k, v in inputs.items() if k != "row_ids"}
@@ -84,7 +86,27 @@ def backoff_trainer_class():
                 return (result[0] * self._piece_weight, *result[1:])
             return result * self._piece_weight
 
+        def log(self, logs: dict, *args, **kwargs) -> None:
+            """Each training log line gains tokens/s since the last one and the memory held
+            (the GPU's reserved memory, or the process's resident memory on CPU), so the
+            TensorBoard events and train_curve.png show them."""
+            if "loss" in logs:
+                import time as clock
+
+                now = clock.perf_counter()
+                if self._tokens_since is not None and now > self._tokens_since:
+                    logs["tokens_per_second"] = round(self._tokens / (now - self._tokens_since), 1)
+                self._tokens, self._tokens_since = 0, now
+                logs.update(memory_now())
+            super().log(logs, *args, **kwargs)
+
         def training_step(self, model, inputs, num_items_in_batch=None):
+            if self._tokens_since is None:
+                import time as clock
+
+                self._tokens_since = clock.perf_counter()
+            self._tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs \
+                else inputs["input_ids"].numel()
             if self.state.global_step != self._window_step:
                 self._window, self._window_step = [], self.state.global_step
             failure = None
@@ -169,6 +191,27 @@ def backoff_trainer_class():
                     error = again.with_traceback(None)  # (see training_step)
 
     return BackoffTrainer
+
+
+def memory_now() -> dict:
+    """The memory a training log line records: the GPU's reserved and peak reserved GiB on
+    CUDA, the process's resident GiB on CPU."""
+    if torch.cuda.is_available():
+        return {"gpu_reserved_gib": round(torch.cuda.memory_reserved() / 2**30, 3),
+                "gpu_peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+    import psutil
+
+    return {"cpu_rss_gib": round(psutil.Process().memory_info().rss / 2**30, 3)}
+
+
+def tensorboard_callback(log_dir):
+    """The HF Trainer's TensorBoard callback writing to `log_dir` (ARTIFACTS_DIR/runs/<run>):
+    every number of every log line (loss, learning rate, grad norm, validation accuracy,
+    tokens/s, memory) as a scalar over optimizer steps."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(log_dir)))
 
 
 def step_timer():
