@@ -27,6 +27,10 @@ Korean-length question, four options) at each image size of BENCH_IMAGES:
            its 4 option shifts, as make submit TTA=rotate asks them) against TTA=none: time per
            test row, and the ratio.
   train    also vqa at the largest micro-batch predicted within the reference's peak.
+  time     (not in the default list) the time model (vqa/planning/timing.py) against the
+           measurement: make train's Trainer at its plan, make submit's scoring at its plan,
+           on each image setting (BENCH_IMAGES=448x448,1024x768,mixed); predicted and measured
+           seconds per optimizer step and per row (time-train or time-score: one of them).
 
 Prints samples/s or s/item, peak reserved, ours/reference, and the distance to the arithmetic
 floor (FLOPs over the bf16 matrix rate measured at start). `make bench CAP=24GiB`
@@ -48,7 +52,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-IMAGES = {"448x448": (448, 448), "1024x768": (1024, 768)}
+IMAGES = {"448x448": (448, 448), "1024x768": (1024, 768),
+          # phone photos, screenshots and smaller: a competition's mix (BENCH_WORK=time)
+          "mixed": [(4032, 3024), (1920, 1080), (1024, 768), (640, 480)]}
 REFERENCE_TRAIN_BATCH = 2
 REFERENCE_GENERATE_BATCH = 6
 SAME_MEMORY_BATCHES = (48, 32, 24, 16, 8, 4)  # tried largest first for the same-memory row
@@ -624,7 +630,8 @@ def bench_rotate(bench: Bench, cases: list[Case]) -> None:
     from vqa.predict import predict_rows
 
     first = cases[0]
-    adapter = bench.scratch / "untrained-adapter"
+    # one per model: an adapter fits only the model it was made on
+    adapter = bench.scratch / f"untrained-adapter-{Path(first.config.resolved_model_id).name}"
     if not (adapter / "adapter_config.json").is_file():
         base = load_base(first.config, for_training=False, stock_vision=False)
         get_peft_model(base, reference_lora(first.config)).save_pretrained(adapter)
@@ -658,6 +665,72 @@ def bench_rotate(bench: Bench, cases: list[Case]) -> None:
     bench.write()
 
 
+def bench_time(bench: Bench, cases: list[Case], parts: tuple[str, ...] = ("train", "score")
+               ) -> None:
+    """Predicted (vqa/planning/timing.py, on this card's published rates) against measured:
+    a training step of make train's Trainer and a scoring row of make submit's, at the plan."""
+    import torch
+
+    from vqa.families import family_for
+    from vqa.model import load_for_inference
+    from vqa.planning import timing
+    from vqa.planning.hardware import gpu_table
+    from vqa.predict import predict_rows
+
+    name = torch.cuda.get_device_name(0) if bench.cuda else "H200"
+    card = next((v for k, v in gpu_table().items() if k.split("-")[0] in name.upper()),
+                gpu_table()["H200"])
+    first = cases[0]
+    windowed = family_for(first.arch.family).windowed_vision
+
+    def row(case, work, batch, predicted, measured, **extra):
+        error = (round(100 * (measured / predicted - 1), 1) if predicted and measured else None)
+        return bench.record(model=case.arch.name, images=case.name, work=work, setup=f"time "
+                            f"model: {work}", batch=batch, predicted_s=round(predicted, 4),
+                            measured_s=measured, error_percent=error, **extra)
+
+    model = ours_model(first.config) if "train" in parts else None
+    for case in cases if "train" in parts else []:
+        plan, work = case.plan, case.work
+        effective = case.config.effective_batch_size
+        result = attempt(bench, lambda: trained(bench, product_trainer(bench, case, model, plan),
+                                                effective))
+        steps = max(1, -(-len(work.train_lengths) // effective))
+        epoch = timing.train_epoch_seconds(
+            case.arch, work.train_lengths, work.train_visual, plan.per_device_batch, card,
+            kept_layers=plan.uncheckpointed_layers, kept_attention=plan.uncheckpointed_attention,
+            seed=case.config.seed, windowed=windowed)
+        # an optimizer step is effective / micro micro-batches
+        row(case, "train step", plan.per_device_batch, epoch / steps, result.get("step_s"),
+            peak_reserved_gib=result.get("peak_reserved_gib"))
+    model = None
+    free(bench)
+    # one per model: an adapter fits only the model it was made on
+    adapter = bench.scratch / f"untrained-adapter-{Path(first.config.resolved_model_id).name}"
+    if not (adapter / "adapter_config.json").is_file():
+        from peft import get_peft_model
+
+        base = load_base(first.config, for_training=False, stock_vision=False)
+        get_peft_model(base, reference_lora(first.config)).save_pretrained(adapter)
+        base = None
+        free(bench)
+    model, _ = load_for_inference(first.config, adapter, first.processor, mode="score")
+    for case in cases if "score" in parts else []:
+        batch, rows = case.plan.pred_batch_size, case.test
+        workers = case.config.loader_workers(bench.cuda)
+        result = timed_predict(bench, lambda warm, rows=rows, batch=batch, case=case: predict_rows(
+            model, case.processor, rows[:batch] if warm else rows, case.data, batch_size=batch,
+            mode="score", workers=workers), len(rows))
+        predicted = timing.predict_seconds(case.arch, case.work.predict_lengths,
+                                           case.work.predict_visual, batch, card,
+                                           windowed=windowed) / len(rows)
+        row(case, "score row", batch, predicted, result.get("s_per_item"),
+            peak_reserved_gib=result.get("peak_reserved_gib"))
+    model = None
+    free(bench)
+    bench.write()
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -686,7 +759,8 @@ def bench_model(bench: Bench, model_dir: Path, scratch: Path) -> None:
         config = load_config(settings, environ={})
         arch, _ = architecture_for(config.resolved_model_id)
         processor = load_processor(config)
-        plan = make_run_plan(config, processor=processor).plan
+        made = make_run_plan(config, processor=processor)
+        plan = made.plan
         print(f"{arch.name} {size_name}: planner's PER_DEVICE_BATCH={plan.per_device_batch} "
               f"UNCHECKPOINTED_LAYERS={plan.uncheckpointed_layers} UNCHECKPOINTED_ATTENTION="
               f"{plan.uncheckpointed_attention} PRED_BATCH_SIZE={plan.pred_batch_size} "
@@ -695,11 +769,15 @@ def bench_model(bench: Bench, model_dir: Path, scratch: Path) -> None:
                           read_table(data / "train.csv", with_answer=True).to_dict("records"),
                           read_table(data / "test.csv", with_answer=False).to_dict("records"),
                           plan, processor))
+        cases[-1].work = made.work  # every row's length and visual tokens, as planned
     works = bench.settings.listed("bench_work", "predict,rotate,train")
     if "predict" in works:
         bench_predict(bench, cases)
     if "rotate" in works:
         bench_rotate(bench, cases)
+    parts = tuple(p for p in ("train", "score") if "time" in works or f"time-{p}" in works)
+    if parts:
+        bench_time(bench, cases, parts)
     if "train" in works:
         bench_train(bench, cases)
 
@@ -707,7 +785,10 @@ def bench_model(bench: Bench, model_dir: Path, scratch: Path) -> None:
 def markdown(bench: Bench, header: str) -> str:
     lines = [header, "", "| model | images | work | setup | batch | speed | peak reserved GiB | "
              "x floor | vqa / reference |", "|---|---|---|---|---|---|---|---|---|"]
+    timed = [r for r in bench.results if "predicted_s" in r]
     for r in bench.results:
+        if "predicted_s" in r:
+            continue
         if r["work"] == "train":
             speed = f"{r.get('samples_per_s')} samples/s ({r.get('step_s')} s/step)"
             batch = r["micro_batch"]
@@ -720,6 +801,13 @@ def markdown(bench: Bench, header: str) -> str:
         lines.append(f"| {r['model'].split('/')[-1]} | {r['images']} | {r['work']} | "
                      f"{r['setup']} | {batch} | {speed} | {r['peak_reserved_gib'] or '-'} | "
                      f"{r['x_floor'] or '-'} | {ratio} |")
+    if timed:
+        lines += ["", "| model | images | work | batch | predicted s | measured s | error % | "
+                  "peak reserved GiB |", "|---|---|---|---|---|---|---|---|"]
+        for r in timed:
+            lines.append(f"| {r['model'].split('/')[-1]} | {r['images']} | {r['work']} | "
+                         f"{r['batch']} | {r['predicted_s']} | {r['measured_s']} | "
+                         f"{r['error_percent']} | {r.get('peak_reserved_gib') or '-'} |")
     return "\n".join(lines) + "\n"
 
 

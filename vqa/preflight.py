@@ -79,10 +79,46 @@ def preflight_report(config: Config, run: RunPlan) -> dict:
                              for r, length, visual in longest],
         },
         "plan": plan,
+        "time": predicted_time(config, run),
         "reasons": words.reasons(plan),
         "inputs": run.inputs,
         "problems": [asdict(p) for p in run.problems],
     }
+
+
+def time_report(times: dict) -> list[str]:
+    from vqa.planning.timing import time_lines
+
+    return [times["skipped"]] if "skipped" in times else time_lines(times)
+
+
+def predicted_time(config: Config, run: RunPlan) -> dict:
+    """The stages' predicted wall time on the card planned for (vqa/planning/timing.py), and
+    what preparing a row costs this machine's CPU; why not, when it cannot be predicted."""
+    from vqa.planning import timing
+    from vqa.planning.shapes import architecture_for
+
+    card = timing.card_for(config, run.machine)
+    if card is None:
+        return {"skipped": "no card to predict for: set TARGET_GPU (vqa/planning/gpus.json)"}
+    try:
+        arch, _ = architecture_for(config.resolved_model_id)
+    except Exception as exc:  # noqa: BLE001 - any reason the architecture is unknown
+        return {"skipped": f"no architecture ({exc})"}
+    times = timing.predicted_times(config, arch, run.work, run.plan, card[1], card[0],
+                                   config.val_sample, 4 if config.tta == "rotate" else 1)
+    times["train_rows"] = len(run.work.train_lengths)
+    times["workers"] = config.loader_workers(cuda=True)
+    try:
+        from vqa.model import load_processor
+
+        rows = run.tables["train.csv"].to_dict("records")
+        times["cpu_seconds_per_row"] = timing.preparation_seconds(
+            config, load_processor(config), rows)
+    except Exception as exc:  # noqa: BLE001 - the processor may be unreachable offline
+        times["cpu_seconds_per_row"] = None
+        times["cpu_skipped"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return times
 
 
 def run_preflight(config: Config) -> int:
@@ -112,6 +148,8 @@ def run_preflight(config: Config) -> int:
     for stage in ("train", "submit"):
         for line in words.stage_lines(report["plan"], stage):
             print(f"  {stage}: {line}")
+    for line in time_report(report["time"]):
+        print(f"  time: {line}")
     log.info("reports: %s, %s, %s", plan_path, artifacts / "preflight.json",
              artifacts / "preflight.md")
     if report["blocking"]:

@@ -40,8 +40,8 @@ from vqa.options import shuffled_options
 from vqa.planning.planner import Plan
 from vqa.planning.runplan import stage_plan
 from vqa.speed import labelled_loss
-from vqa.trainer import (backoff_trainer_class, letter_metrics, step_seconds, step_timer,
-                         tensorboard_callback)
+from vqa.trainer import (backoff_trainer_class, letter_metrics, plot_curves, step_seconds,
+                         step_timer, tensorboard_callback)
 
 log = logging.getLogger("vqa")
 
@@ -353,49 +353,3 @@ def train(config: Config) -> dict:
     write_json_atomic(metrics_path, metrics)
     plot_curves(history, artifacts / "train_curve.png", (plan.train_peak or {}).get("reserved_gib"))
     return metrics
-
-
-def plot_curves(history: list[dict], path: Path, predicted_peak_gib: float | None = None) -> None:
-    """Loss, validation accuracy and memory over optimizer steps; the memory panel has the
-    plan's predicted peak beside the measured one (GPU), or the process's memory (CPU)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from vqa.io import save_figure_atomic
-
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval_accuracy"], h.get("eval_loss")) for h in history
-             if "eval_accuracy" in h]
-    fig, (ax_loss, ax_acc, ax_mem) = plt.subplots(1, 3, figsize=(15, 3.6))
-    if train:
-        ax_loss.plot(*zip(*train), label="train loss")
-    if evals:
-        ax_loss.plot([e[0] for e in evals], [e[2] for e in evals], "o-", label="val loss")
-        ax_acc.plot([e[0] for e in evals], [e[1] for e in evals], "o-", color="tab:green")
-    ax_loss.set(xlabel="optimizer step", ylabel="loss", title="Loss")
-    ax_loss.legend()
-    ax_acc.set(xlabel="optimizer step", ylabel="accuracy", title="Validation accuracy",
-               ylim=(0, 1))
-    ax_acc.axhline(0.25, color="gray", linestyle=":", label="chance")
-    ax_acc.legend()
-    memory_panel(ax_mem, history, predicted_peak_gib)
-    save_figure_atomic(fig, path)
-    plt.close(fig)
-
-
-def memory_panel(ax, history: list[dict], predicted_peak_gib: float | None) -> None:
-    series = [("gpu_peak_reserved_gib", "GPU peak reserved"), ("gpu_reserved_gib", "GPU reserved"),
-              ("cpu_rss_gib", "process resident (CPU run)")]
-    for key, label in series:
-        points = [(h["step"], h[key]) for h in history if key in h]
-        if points:
-            ax.plot(*zip(*points), label=label)
-    if predicted_peak_gib:
-        ax.axhline(predicted_peak_gib, color="tab:red", linestyle="--",
-                   label=f"plan's predicted peak {predicted_peak_gib:.1f} GiB")
-    ax.set(xlabel="optimizer step", ylabel="GiB", title="Memory")
-    ax.set_ylim(bottom=0)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)

@@ -226,6 +226,14 @@ def preflight_markdown(report: dict) -> str:
         lines += ["", "Longest rows: " + ", ".join(
             f"{r['id']} ({r['width']}x{r['height']}, {r['visual_tokens']} visual, "
             f"{r['length']} total)" for r in data["longest_rows"])]
+    times = report.get("time") or {}
+    lines += ["", "## Time", ""]
+    if "skipped" in times:
+        lines.append(f"- Not predicted: {times['skipped']}")
+    elif times:
+        from vqa.planning.timing import time_lines
+
+        lines += [f"- {line}" for line in time_lines(times)]
     lines += ["", "## Plan", ""]
     if plan["budget"]:
         b = plan["budget"]

@@ -1,0 +1,95 @@
+"""The time model (vqa/planning/timing.py): exact on hand-counted FLOPs, monotone in rows,
+tokens and epochs, scaled by each card's published rates; preflight's hours."""
+
+import dataclasses
+
+import pytest
+
+from vqa.config import load_config
+from vqa.planning import timing
+from vqa.planning.hardware import gpu_table
+from vqa.planning.shapes import architecture_for
+
+ARCH, _ = architecture_for("Qwen/Qwen2.5-VL-7B-Instruct")
+
+
+def _toy():
+    """A one-layer model small enough to count its FLOPs by hand."""
+    return dataclasses.replace(ARCH, hidden=4, intermediate=8, layers=1, heads=2, kv_heads=1,
+                               head_dim=2, vocab=10, vision_depth=1, vision_hidden=2,
+                               vision_intermediate=4, vision_out=4, merge=2, vision_mergers=1,
+                               attention_layer_count=0, text_linear_shapes=())
+
+
+def test_forward_flops_match_a_hand_count():
+    toy = _toy()
+    # language model: q,o 2*(4x4), k,v 2*(4x2), MLP 3*(4x8) = 32+16+96 = 144 weights a layer;
+    # 2 FLOPs each per token over 5 tokens, attention 4*5*5*4, lm_head 2*4*10 at one position
+    assert timing.forward_flops(toy, 5, 0, 1) == 2 * 144 * 5 + 4 * 25 * 4 + 2 * 4 * 10
+    # vision, one visual token = 4 patches: blocks 4*2*2 + 3*2*4 = 40 weights, merger
+    # (8x8 + 8x4) per visual token; full attention (a 1-block windowed tower keeps no window
+    # block beyond its 4 full ones, so the whole image): 4 * 4*4 patches * 2
+    vision = 2 * 40 * 4 + 2 * (64 + 32) * 1 + 4 * 16 * 2
+    assert timing.forward_flops(toy, 0, 1, 0, windowed=False) == vision
+
+
+def test_time_grows_with_rows_tokens_and_epochs_and_shrinks_with_a_faster_card():
+    a10g, h200 = gpu_table()["A10G"], gpu_table()["H200"]
+    base = timing.train_epoch_seconds(ARCH, [400] * 64, [256] * 64, 8, a10g)
+    assert timing.train_epoch_seconds(ARCH, [400] * 128, [256] * 128, 8, a10g) > base * 1.9
+    assert timing.train_epoch_seconds(ARCH, [800] * 64, [256] * 64, 8, a10g) > base
+    assert timing.train_epoch_seconds(ARCH, [400] * 64, [1024] * 64, 8, a10g) > base
+    faster = timing.train_epoch_seconds(ARCH, [400] * 64, [256] * 64, 8, h200)
+    assert faster < base / 5  # 989 against 70 TFLOPS bf16
+    # keeping layers out of checkpointing recomputes less
+    assert timing.train_epoch_seconds(ARCH, [400] * 64, [256] * 64, 8, a10g,
+                                      kept_layers=28) < base
+    score = timing.predict_seconds(ARCH, [400] * 64, [256] * 64, 32, a10g)
+    generate = timing.predict_seconds(ARCH, [400] * 64, [256] * 64, 32, a10g, mode="generate")
+    assert generate > score and timing.predict_seconds(ARCH, [400] * 64, [256] * 64, 32, a10g,
+                                                       ranks=2) == pytest.approx(score / 2)
+
+
+def test_padding_counts_each_batch_at_its_longest_row():
+    lengths, visual = [100, 900, 100, 900], [4] * 4
+    in_order = timing.batches(lengths, visual, 2, None)
+    assert [b[0] for b in in_order] == [900, 900]
+    assert [b[0] for b in timing.batches(sorted(lengths), visual, 2, None)] == [100, 900]
+
+
+def test_cards_without_bf16_use_their_fp16_rate():
+    rate, bandwidth, dtype = timing.card_rates(gpu_table()["T4"])
+    assert (rate, bandwidth, dtype) == (65e12, 320e9, "fp16")
+    assert timing.card_rates(gpu_table()["L4"])[2] == "bf16"
+    assert all("rates_source" in card for card in gpu_table().values())
+
+
+def test_stage_times_follow_early_stopping_and_rotation():
+    from vqa.planning.planner import Plan
+    from vqa.planning.rows import Workload
+
+    config = load_config(["EPOCHS=3", "TARGET_GPU=A10G"], environ={})
+    work = Workload([400] * 200, [256] * 200, [400] * 100, [256] * 100)
+    plan = Plan(8, 2, 32)
+    once = timing.predicted_times(config, ARCH, work, plan, gpu_table()["A10G"], "A10G", 64)
+    rotated = timing.predicted_times(config, ARCH, work, plan, gpu_table()["A10G"], "A10G", 64,
+                                     shifts=4)
+    assert once["best_epochs"] == 2 and once["epochs"] == 3
+    assert once["train_worst_s"] == pytest.approx(once["train_epoch_s"] * 3, rel=1e-3)
+    assert once["train_best_s"] == pytest.approx(once["train_epoch_s"] * 2, rel=1e-3)
+    assert rotated["submit_s"] == pytest.approx(once["submit_s"] * 4, rel=0.01)
+    assert once["extrapolated_from_h200"]
+    assert "predicted on A10G (extrapolated" in timing.time_lines(once)[0]
+
+
+def test_preflight_prints_predicted_hours_for_the_target_card(small_data, tiny_model_dir,
+                                                              tmp_path, capsys):
+    from vqa.preflight import run_preflight
+
+    config = load_config([f"DATA_DIR={small_data}", f"MODEL_ID={tiny_model_dir}",
+                          f"ARTIFACTS_DIR={tmp_path}", "TARGET_GPU=L4"], environ={})
+    run_preflight(config)
+    out = capsys.readouterr().out
+    assert "time: predicted on L4 (extrapolated from the H200's measured efficiency)" in out
+    assert "CPU side:" in out  # decoding and processing a row, measured here
+    assert "## Time" in (tmp_path / "preflight.md").read_text()
