@@ -16,8 +16,8 @@ from vqa.config import Config
 from vqa.data import LETTERS, read_table
 from vqa.io import save_figure_atomic, write_json_atomic
 from vqa.model import load_for_inference, load_processor
-from vqa.options import (argmax_letter, circular_accuracy, combined, expanded, final_answers,
-                         letter_prior, letter_shares, per_shift, rotated_ids, write_probabilities)
+from vqa.options import (answers_for, argmax_letter, circular_accuracy, combined, expanded,
+                         letter_shares, per_shift, rotated_for, write_probabilities)
 from vqa.predict import accuracy, accuracy_by, predict_rows
 from vqa.planning.runplan import stage_plan
 from vqa.train import split_rows
@@ -77,16 +77,13 @@ def evaluate(config: Config) -> dict:
         """The rows' answers and option probabilities, and for the report each shift's
         probabilities as asked and with the prior divided out, and the prior. `options`: ask
         as TTA and CALIBRATE say (the blank-image baseline asks each row once)."""
-        rotated = (rotated_ids(rows, config.tta, config.calibrate, config.calibrate_share,
-                               config.seed) if options else frozenset())
+        rotated = rotated_for(config, rows) if options else frozenset()
         result = predict_rows(model, processor, expanded(rows, rotated), config.data_dir,
                               batch_size=batch, mode="score", blank_images=blank, desc=desc,
                               workers=config.loader_workers())
         probs = result.letter_probs
-        prior = (letter_prior(rows, probs, rotated) if options and config.calibrate == "prior"
-                 else None)
-        answers, mean = final_answers(rows, result.answers, probs, rotated, prior,
-                                      average=config.tta == "rotate")
+        # the blank-image baseline rotates nothing: no prior to estimate
+        answers, mean, prior = answers_for(config, rows, result.answers, probs, rotated)
         return answers, mean, {"raw": per_shift(rows, probs, rotated),
                                "calibrated": per_shift(rows, probs, rotated, prior),
                                "prior": prior, "rotated": len(rotated)}

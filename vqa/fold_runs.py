@@ -63,8 +63,7 @@ def out_of_fold(config: Config, processor) -> pd.DataFrame:
     its oof_probabilities.csv, with the true letter and the fold; read back instead when the
     adapter and those settings are unchanged."""
     from vqa.model import load_for_inference
-    from vqa.options import (expanded, final_answers, letter_prior, rotated_ids,
-                             write_probabilities)
+    from vqa.options import answers_for, expanded, rotated_for, write_probabilities
     from vqa.planning.runplan import stage_plan
     from vqa.predict import predict_rows
 
@@ -78,15 +77,11 @@ def out_of_fold(config: Config, processor) -> pd.DataFrame:
     _, held, _ = split_rows(config, processor, whole_fold=True)
     batch = stage_plan(config, "eval", processor).pred_batch_size
     model, _ = load_for_inference(config, adapter, processor, mode="score")
-    rotated = rotated_ids(held, config.tta, config.calibrate, config.calibrate_share,
-                          config.seed)
+    rotated = rotated_for(config, held)
     result = predict_rows(model, processor, expanded(held, rotated), config.data_dir,
                           batch_size=batch, mode="score", desc=f"fold {config.fold}: out of fold",
                           workers=config.loader_workers())
-    prior = (letter_prior(held, result.letter_probs, rotated) if config.calibrate == "prior"
-             else None)
-    answers, probs = final_answers(held, result.answers, result.letter_probs, rotated, prior,
-                                   average=config.tta == "rotate")
+    answers, probs, _ = answers_for(config, held, result.answers, result.letter_probs, rotated)
     frame = write_probabilities(path, [r["id"] for r in held], answers, probs,
                                 {r["id"]: r["answer"] for r in held}).assign(fold=config.fold)
     write_text_atomic(path, frame.to_csv(index=False))

@@ -166,6 +166,23 @@ def final_answers(rows: list[dict], answers: dict[str, str], probs: dict[str, li
     return {i: argmax_letter(p) for i, p in mean.items()}, mean
 
 
+def rotated_for(config, rows: list[dict]) -> frozenset[str]:
+    """`rotated_ids` as the run's TTA, CALIBRATE, CALIBRATE_SHARE and SEED say."""
+    return rotated_ids(rows, config.tta, config.calibrate, config.calibrate_share, config.seed)
+
+
+def answers_for(config, rows: list[dict], answers: dict[str, str],
+                probs: dict[str, list[float]], rotated: frozenset[str]
+                ) -> tuple[dict[str, str], dict[str, list[float]], list[float] | None]:
+    """`final_answers` as the run says: under CALIBRATE=prior the prior estimated on the rows
+    asked under their shifts (None when there were none) and divided out; the shifts averaged
+    under TTA=rotate. Also returns the prior."""
+    prior = letter_prior(rows, probs, rotated) if config.calibrate == "prior" else None
+    answers, probs = final_answers(rows, answers, probs, rotated, prior,
+                                   average=config.tta == "rotate")
+    return answers, probs, prior
+
+
 def original_ids(rows: list[dict], rotated: frozenset[str] = frozenset()) -> dict[str, str]:
     """Asked id -> the row's own id."""
     return {asked["id"]: row["id"] for row in rows for asked in expanded([row], rotated)}

@@ -13,8 +13,7 @@ from vqa.data import read_table
 from vqa.io import file_fingerprint, write_json_atomic
 from vqa.journal import PredictionJournal, journal_path, read_all, read_journals
 from vqa.model import load_for_inference, load_processor
-from vqa.options import (expanded, final_answers, letter_prior, original_ids, rotated_ids,
-                         write_probabilities)
+from vqa.options import answers_for, expanded, original_ids, rotated_for, write_probabilities
 from vqa.predict import predict_rows
 from vqa.planning.runplan import stage_plan
 from vqa.submission import submission_order, write_submission
@@ -73,8 +72,7 @@ def submit(config: Config) -> dict:
     done, _ = read_all(main_journal, signature)
     test_rows = test.to_dict("records")
     # TTA=rotate: every row under its 4 option shifts; CALIBRATE=prior: the prior's share too
-    rotated = rotated_ids(test_rows, config.tta, config.calibrate, config.calibrate_share,
-                          config.seed)
+    rotated = rotated_for(config, test_rows)
     asked = expanded(test_rows, rotated)
     rows = [r for r in asked if r["id"] not in done]
     if done:
@@ -91,10 +89,7 @@ def submit(config: Config) -> dict:
     if not here.is_main:
         return {}
     asked_answers, asked_text_only, asked_probs = read_journals(main_journal, signature)
-    prior = (letter_prior(test_rows, asked_probs, rotated) if config.calibrate == "prior"
-             else None)
-    answers, probs = final_answers(test_rows, asked_answers, asked_probs, rotated, prior,
-                                   average=config.tta == "rotate")
+    answers, probs, prior = answers_for(config, test_rows, asked_answers, asked_probs, rotated)
     own = original_ids(test_rows, rotated)
     text_only = {own[i]: why for i, why in asked_text_only.items()}
     path = config.artifacts_dir / "submission.csv"
