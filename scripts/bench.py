@@ -620,23 +620,29 @@ def bench_predict(bench: Bench, cases: list[Case]) -> None:
     bench.write()
 
 
+def untrained_adapter(bench: Bench, config) -> Path:
+    """An untrained reference LoRA saved for the model of `config` (made once; one per model:
+    an adapter fits only the model it was made on), for loading as make submit loads its own."""
+    from peft import get_peft_model
+
+    adapter = bench.scratch / f"untrained-adapter-{Path(config.resolved_model_id).name}"
+    if not (adapter / "adapter_config.json").is_file():
+        base = load_base(config, for_training=False, stock_vision=False)
+        get_peft_model(base, reference_lora(config)).save_pretrained(adapter)
+        base = None
+        free(bench)
+    return adapter
+
+
 def bench_rotate(bench: Bench, cases: list[Case]) -> None:
     """TTA=rotate against plain scoring, in the same run on the same rows at the plan's batch,
     with the model as make submit loads it (an untrained adapter)."""
-    from peft import get_peft_model
-
     from vqa.model import load_for_inference
     from vqa.options import SHIFTS, expanded, rotated_ids
     from vqa.predict import predict_rows
 
     first = cases[0]
-    # one per model: an adapter fits only the model it was made on
-    adapter = bench.scratch / f"untrained-adapter-{Path(first.config.resolved_model_id).name}"
-    if not (adapter / "adapter_config.json").is_file():
-        base = load_base(first.config, for_training=False, stock_vision=False)
-        get_peft_model(base, reference_lora(first.config)).save_pretrained(adapter)
-        base = None
-        free(bench)
+    adapter = untrained_adapter(bench, first.config)
     bench.allocator(expandable=True)
     model, _ = load_for_inference(first.config, adapter, first.processor, mode="score")
     for case in cases:
@@ -677,9 +683,8 @@ def bench_time(bench: Bench, cases: list[Case], parts: tuple[str, ...] = ("train
     from vqa.planning.hardware import gpu_table
     from vqa.predict import predict_rows
 
-    name = torch.cuda.get_device_name(0) if bench.cuda else "H200"
-    card = next((v for k, v in gpu_table().items() if k.split("-")[0] in name.upper()),
-                gpu_table()["H200"])
+    known = timing.card_named(torch.cuda.get_device_name(0)) if bench.cuda else None
+    card = known[1] if known else gpu_table()[timing.H200]
     first = cases[0]
     windowed = family_for(first.arch.family).windowed_vision
 
@@ -705,17 +710,12 @@ def bench_time(bench: Bench, cases: list[Case], parts: tuple[str, ...] = ("train
             peak_reserved_gib=result.get("peak_reserved_gib"))
     model = None
     free(bench)
-    # one per model: an adapter fits only the model it was made on
-    adapter = bench.scratch / f"untrained-adapter-{Path(first.config.resolved_model_id).name}"
-    if not (adapter / "adapter_config.json").is_file():
-        from peft import get_peft_model
-
-        base = load_base(first.config, for_training=False, stock_vision=False)
-        get_peft_model(base, reference_lora(first.config)).save_pretrained(adapter)
-        base = None
-        free(bench)
-    model, _ = load_for_inference(first.config, adapter, first.processor, mode="score")
-    for case in cases if "score" in parts else []:
+    if "score" not in parts:
+        bench.write()
+        return
+    model, _ = load_for_inference(first.config, untrained_adapter(bench, first.config),
+                                  first.processor, mode="score")
+    for case in cases:
         batch, rows = case.plan.pred_batch_size, case.test
         workers = case.config.loader_workers(bench.cuda)
         result = timed_predict(bench, lambda warm, rows=rows, batch=batch, case=case: predict_rows(

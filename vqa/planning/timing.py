@@ -173,20 +173,28 @@ def hours(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
-def card_for(config, machine) -> tuple[str, dict] | None:
-    """The card to predict for: TARGET_GPU's, else the first GPU found when the table knows it
-    (by name: "NVIDIA H200" is H200); None on a CPU machine or an unknown card."""
+def card_named(name: str) -> tuple[str, dict] | None:
+    """The table's entry for a card by the name NVML gives it ("NVIDIA H200" is H200), the
+    longest key first (H100-80GB before H100); None for a card the table does not know."""
     from vqa.planning.hardware import gpu_table
 
     table = gpu_table()
-    if config.target_gpu:
-        return config.target_gpu, table[config.target_gpu]
-    for gpu in getattr(machine, "gpus", None) or []:
-        name = gpu.name.upper().replace(" ", "")
-        for key in sorted(table, key=len, reverse=True):
-            if key.split("-")[0].upper() in name:
-                return key, table[key]
+    name = name.upper().replace(" ", "")
+    for key in sorted(table, key=len, reverse=True):
+        if key.split("-")[0].upper() in name:
+            return key, table[key]
     return None
+
+
+def card_for(config, machine) -> tuple[str, dict] | None:
+    """The card to predict for: TARGET_GPU's, else the first GPU found when the table knows it;
+    None on a CPU machine or an unknown card."""
+    from vqa.planning.hardware import gpu_table
+
+    if config.target_gpu:
+        return config.target_gpu, gpu_table()[config.target_gpu]
+    found = (card_named(gpu.name) for gpu in getattr(machine, "gpus", None) or [])
+    return next((card for card in found if card), None)
 
 
 def preparation_seconds(config, processor, rows: list[dict], sample: int = 16) -> float | None:
