@@ -7,6 +7,7 @@ bench-memory` time this same step through `vqa.train.build_trainer`.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -93,9 +94,7 @@ def backoff_trainer_class():
             (the GPU's reserved memory, or the process's resident memory on CPU), so the
             TensorBoard events and train_curve.png show them."""
             if "loss" in logs:
-                import time as clock
-
-                now = clock.perf_counter()
+                now = time.perf_counter()
                 if self._tokens_since is not None and now > self._tokens_since:
                     logs["tokens_per_second"] = round(self._tokens / (now - self._tokens_since), 1)
                 self._tokens, self._tokens_since = 0, now
@@ -104,11 +103,7 @@ def backoff_trainer_class():
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self._tokens_since is None:
-                import time as clock
-
-                self._tokens_since = clock.perf_counter()
-            self._tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs \
-                else inputs["input_ids"].numel()
+                self._tokens_since = time.perf_counter()
             if self.state.global_step != self._window_step:
                 self._window, self._window_step = [], self.state.global_step
             failure = None
@@ -120,8 +115,11 @@ def backoff_trainer_class():
                 failure = error.with_traceback(None)
             if failure is not None:
                 loss = self._recover(model, inputs, num_items_in_batch, failure)
-            self._window.append(({k: v.cpu() if torch.is_tensor(v) else v
-                                  for k, v in inputs.items()}, num_items_in_batch))
+            kept = {k: v.cpu() if torch.is_tensor(v) else v for k, v in inputs.items()}
+            self._window.append((kept, num_items_in_batch))
+            # counted on the CPU copy the window keeps anyway: no second transfer
+            self._tokens += (int(kept["attention_mask"].sum()) if "attention_mask" in kept
+                             else kept["input_ids"].numel())
             return loss
 
         def _sizes(self, inputs) -> list[int]:
@@ -218,8 +216,6 @@ def tensorboard_callback(log_dir):
 
 def step_timer():
     """A Trainer callback that times every optimizer step (steady-state throughput)."""
-    import time as clock
-
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -229,10 +225,10 @@ def step_timer():
 
         def on_step_begin(self, args, state, control, **kwargs):
             if self._last is None:
-                self._last = clock.perf_counter()
+                self._last = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            now = clock.perf_counter()
+            now = time.perf_counter()
             self.seconds.append(now - self._last)
             self._last = now
 
