@@ -96,28 +96,22 @@ def predicted_time(config: Config, run: RunPlan) -> dict:
     """The stages' predicted wall time on the card planned for (vqa/planning/timing.py), and
     what preparing a row costs this machine's CPU; why not, when it cannot be predicted."""
     from vqa.planning import timing
-    from vqa.planning.shapes import architecture_for
 
     card = timing.card_for(config, run.machine)
     if card is None:
         return {"skipped": "no card to predict for: set TARGET_GPU (vqa/planning/gpus.json)"}
-    try:
-        arch, _ = architecture_for(config.resolved_model_id)
-    except Exception as exc:  # noqa: BLE001 - any reason the architecture is unknown
-        return {"skipped": f"no architecture ({exc})"}
-    times = timing.predicted_times(config, arch, run.work, run.plan, card[1], card[0],
-                                   config.val_sample, 4 if config.tta == "rotate" else 1)
+    if run.architecture is None:
+        return {"skipped": "no architecture to predict from (see the warning above)"}
+    times = timing.predicted_times(config, run.architecture, run.work, run.plan, card[1],
+                                   card[0], config.val_sample, 4 if config.tta == "rotate" else 1)
     times["train_rows"] = len(run.work.train_lengths)
     times["workers"] = config.loader_workers(cuda=True)
-    try:
-        from vqa.model import load_processor
-
-        rows = run.tables["train.csv"].to_dict("records")
-        times["cpu_seconds_per_row"] = timing.preparation_seconds(
-            config, load_processor(config), rows)
-    except Exception as exc:  # noqa: BLE001 - the processor may be unreachable offline
-        times["cpu_seconds_per_row"] = None
-        times["cpu_skipped"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    # with the processor the rows were measured with: loaded once, by the plan
+    times["cpu_seconds_per_row"] = (timing.preparation_seconds(
+        config, run.processor, run.tables["train.csv"].to_dict("records"))
+        if run.processor is not None else None)
+    if run.processor is None:
+        times["cpu_skipped"] = run.processor_problem
     return times
 
 

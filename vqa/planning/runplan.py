@@ -28,7 +28,7 @@ from vqa.planning.hardware import Machine, budget_for, card_identity, probe_mach
 from vqa.planning.planner import Plan, make_plan
 from vqa.planning.rows import (RowProblem, RowShape, Tokens, Workload, scan_rows,
                                tokens_from_processor, tokens_from_table)
-from vqa.planning.shapes import architecture_for, cached_config
+from vqa.planning.shapes import Architecture, architecture_for, cached_config
 
 log = logging.getLogger("vqa")
 
@@ -119,6 +119,8 @@ class RunPlan:
     test_shapes: list[RowShape] = field(default_factory=list)
     problems: list[RowProblem] = field(default_factory=list)
     processor_problem: str | None = None
+    architecture: Architecture | None = None  # None when none could be found
+    processor: object = None  # the processor the rows were measured with, when it loaded
 
     def document(self, made_by: str) -> dict:
         return {"made_by": made_by, "made_at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -127,17 +129,18 @@ class RunPlan:
                 "measured_with": self.tokens.source}
 
 
-def _measure(config: Config, processor=None) -> tuple[Tokens, str | None]:
-    """The processor's rule, or for a hub model that cannot be reached, the published one."""
+def _measure(config: Config, processor=None) -> tuple[Tokens, str | None, object]:
+    """The processor's rule, or for a hub model that cannot be reached, the published one; with
+    the processor (None when it could not be loaded)."""
     from vqa.model import ModelError, load_processor
 
-    if processor is not None:
-        return tokens_from_processor(processor), None
     try:
-        return tokens_from_processor(load_processor(config)), None
+        processor = processor if processor is not None else load_processor(config)
     except ModelError as exc:
         return (tokens_from_table(config.resolved_model_id, config.min_pixels,
-                                  config.max_pixels, "processor not loadable here"), str(exc))
+                                  config.max_pixels, "processor not loadable here"), str(exc),
+                None)
+    return tokens_from_processor(processor), None, processor
 
 
 def make_run_plan(config: Config, machine: Machine | None = None, processor=None,
@@ -146,7 +149,7 @@ def make_run_plan(config: Config, machine: Machine | None = None, processor=None
     that makes a plan, for preflight and for every stage."""
     machine = machine or probe_machine(config.artifacts_dir)
     tables = tables or _tables(config)
-    tokens, processor_problem = _measure(config, processor)
+    tokens, processor_problem, processor = _measure(config, processor)
     scanned = {name: scan_rows(frame, name, config.data_dir, tokens,
                                config.max_sequence_length) for name, frame in tables.items()}
     train_shapes, test_shapes = scanned["train.csv"][0], scanned.get("test.csv", ([], []))[0]
@@ -163,7 +166,8 @@ def make_run_plan(config: Config, machine: Machine | None = None, processor=None
                            tokens, gpus_found=len(visible_gpus(machine)))
     return RunPlan(plan, plan_inputs(config, machine, tables), machine, tokens, source, work,
                    tables, train_shapes, test_shapes,
-                   [p for _, problems in scanned.values() for p in problems], processor_problem)
+                   [p for _, problems in scanned.values() for p in problems], processor_problem,
+                   arch, processor)
 
 
 def save_plan(config: Config, run: RunPlan, made_by: str) -> Path:
