@@ -92,11 +92,8 @@ def out_of_fold(config: Config, processor) -> pd.DataFrame:
 def train_folds(config: Config) -> dict:
     """`make train FOLDS=K`: each fold trained (or resumed, or found finished) and scored out of
     fold; the merged out-of-fold probabilities and the folds' report written to ARTIFACTS_DIR."""
-    import gc
-
-    import torch
-
     from vqa.model import load_processor
+    from vqa.oom import free_memory
     from vqa.planning.runplan import stage_plan
 
     here = distributed.init()
@@ -113,9 +110,7 @@ def train_folds(config: Config) -> dict:
         log.info("fold %d of %d: %d rows held out, the rest trains (%s)", k + 1, config.folds,
                  sum(v == k for v in assignment.values()), fold.artifacts_dir)
         metrics = train(fold)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()  # the fold's training model, before its scoring model loads
         if here.is_main:
             frame = out_of_fold(fold, processor)
             frames.append(frame)
