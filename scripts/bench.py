@@ -684,48 +684,61 @@ def bench_time(bench: Bench, cases: list[Case], parts: tuple[str, ...] = ("train
     from vqa.predict import predict_rows
 
     known = timing.card_named(torch.cuda.get_device_name(0)) if bench.cuda else None
-    card = known[1] if known else gpu_table()[timing.H200]
+    card_name, card = known or (timing.H200, gpu_table()[timing.H200])
     first = cases[0]
     windowed = family_for(first.arch.family).windowed_vision
 
-    def row(case, work, batch, predicted, measured, **extra):
+    def row(case, work, batch, cost, kind, per, measured, cpu_s=0.0, **extra):
+        """`cost` over `per` (an optimizer step's micro-batches, a run's rows), recorded in
+        parts so that scripts/fit_time.py can fit the time model's factors on them."""
+        predicted = (timing.seconds(cost, card, kind) + cpu_s) / per
         error = (round(100 * (measured / predicted - 1), 1) if predicted and measured else None)
+        parts = {"flops": cost.flops / per, "elements": cost.elements / per,
+                 "weight_bytes": cost.weight_bytes / per, "decode_steps": cost.decode_steps / per,
+                 "cpu_s": round(cpu_s / per, 5)}
         return bench.record(model=case.arch.name, images=case.name, work=work, setup=f"time "
-                            f"model: {work}", batch=batch, predicted_s=round(predicted, 4),
-                            measured_s=measured, error_percent=error, **extra)
+                            f"model: {work}", batch=batch, kind=kind,
+                            predicted_s=round(predicted, 4), measured_s=measured,
+                            error_percent=error, card=card_name, cost=parts, **extra)
 
+    loaded = time.perf_counter()
     model = ours_model(first.config) if "train" in parts else None
+    load_s = round(time.perf_counter() - loaded, 1)
     for case in cases if "train" in parts else []:
         plan, work = case.plan, case.work
         effective = case.config.effective_batch_size
         result = attempt(bench, lambda: trained(bench, product_trainer(bench, case, model, plan),
                                                 effective))
         steps = max(1, -(-len(work.train_lengths) // effective))
-        epoch = timing.train_epoch_seconds(
-            case.arch, work.train_lengths, work.train_visual, plan.per_device_batch, card,
+        cost = timing.train_epoch_cost(
+            case.arch, work.train_lengths, work.train_visual, plan.per_device_batch,
             kept_layers=plan.uncheckpointed_layers, kept_attention=plan.uncheckpointed_attention,
             seed=case.config.seed, windowed=windowed)
         # an optimizer step is effective / micro micro-batches
-        row(case, "train step", plan.per_device_batch, epoch / steps, result.get("step_s"),
-            peak_reserved_gib=result.get("peak_reserved_gib"))
+        row(case, "train step", plan.per_device_batch, cost, "train", steps, result.get("step_s"),
+            peak_reserved_gib=result.get("peak_reserved_gib"), load_s=load_s)
     model = None
     free(bench)
     if "score" not in parts:
         bench.write()
         return
+    loaded = time.perf_counter()
     model, _ = load_for_inference(first.config, untrained_adapter(bench, first.config),
                                   first.processor, mode="score")
+    load_s = round(time.perf_counter() - loaded, 1)
     for case in cases:
         batch, rows = case.plan.pred_batch_size, case.test
         workers = case.config.loader_workers(bench.cuda)
         result = timed_predict(bench, lambda warm, rows=rows, batch=batch, case=case: predict_rows(
             model, case.processor, rows[:batch] if warm else rows, case.data, batch_size=batch,
             mode="score", workers=workers), len(rows))
-        predicted = timing.predict_seconds(case.arch, case.work.predict_lengths,
-                                           case.work.predict_visual, batch, card,
-                                           windowed=windowed) / len(rows)
-        row(case, "score row", batch, predicted, result.get("s_per_item"),
-            peak_reserved_gib=result.get("peak_reserved_gib"))
+        # the GPU waits while one worker prepares the first batch; the others keep pace
+        prepared = timed_preparation(case, batch)["s_per_item"]
+        cost = timing.predict_cost(case.arch, case.work.predict_lengths,
+                                   case.work.predict_visual, batch, windowed=windowed)
+        row(case, "score row", batch, cost, "score", len(rows), result.get("s_per_item"),
+            cpu_s=prepared * min(batch, len(rows)), prepare_row_s=prepared,
+            peak_reserved_gib=result.get("peak_reserved_gib"), load_s=load_s)
     model = None
     free(bench)
     bench.write()

@@ -63,6 +63,35 @@ def test_bench_runs_every_phase_on_cpu(tiny_model_dir, tmp_path):
     assert "| vqa (make train) |" in (out / "bench.md").read_text()
 
 
+def test_time_rows_record_their_cost_and_fit_time_refits_the_factors_on_them(tiny_model_dir,
+                                                                              tmp_path):
+    """BENCH_WORK=time records each row's cost in parts; scripts/fit_time.py fits the factors
+    on them, and with them predicts a row it was fitted on (one row: efficiency alone) exactly."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "scripts/bench.py", "--dry-run", "--model-dir",
+                           str(tiny_model_dir), f"ARTIFACTS_DIR={tmp_path / 'out'}",
+                           f"BENCH_SCRATCH={tmp_path / 'scratch'}", "BENCH_WORK=time"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    bench_json = tmp_path / "out" / "bench" / "bench.json"
+    rows = json.loads(bench_json.read_text())["results"]
+    assert {r["kind"] for r in rows} == {"train", "score"}
+    for r in rows:
+        assert r["cost"]["flops"] > 0 and r["cost"]["elements"] > 0 and r["measured_s"] > 0
+    score = next(r for r in rows if r["kind"] == "score")
+    assert score["cost"]["cpu_s"] == pytest.approx(
+        score["prepare_row_s"] * min(score["batch"], 8) / 8, rel=1e-3)  # 8 dry-run rows
+    fitted = subprocess.run([sys.executable, "scripts/fit_time.py", str(bench_json)], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert fitted.returncode == 0, fitted.stderr[-2000:]
+    table = [line for line in fitted.stdout.splitlines() if line.endswith("| fit |")]
+    assert len(table) == 2 and all("| +0.0% |" in line or "| -0.0% |" in line for line in table)
+    assert "EFFICIENCY = {" in fitted.stdout and "ELEMENT_BYTES = {" in fitted.stdout
+    missing = subprocess.run([sys.executable, "scripts/fit_time.py", str(tmp_path / "none")],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "not a bench.json" in missing.stderr
+
+
 def test_bench_says_so_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the benchmark would run")

@@ -2,11 +2,14 @@
 
 Each batch's time is its matrix FLOPs over the card's published dense bf16 rate (fp16 on cards
 without bf16: T4, V100), divided by an efficiency measured on the H200 for that kind of work,
-plus the bytes its weights move over the card's memory bandwidth:
+plus the bytes its non-matrix work and its weights move over the card's memory bandwidth:
 - FLOPs (`forward_flops`): the language model's Linears over every token of the padded batch,
   its attention over the sequence, lm_head at the positions kept, and the vision tower over
   each image's own patches (unpadded: patches are concatenated), its attention within 112-pixel
   windows (Qwen2.5-VL, with 4 blocks of full attention) or over the whole image (the others).
+- Non-matrix work (`forward_elements`): the hidden state of every token through every decoder
+  layer and of every patch through every vision block, each element costing ELEMENT_BYTES of
+  traffic (norms, rope, activations, casts, residuals, and the launches between them).
 - Training runs a forward, a backward of about one forward (the base is frozen: only the
   activations' gradients and the adapter's are computed) and, under gradient checkpointing, the
   forward again for every checkpointed layer: (2 + share recomputed) x the forward.
@@ -16,24 +19,25 @@ plus the bytes its weights move over the card's memory bandwidth:
 The batches are the run's own: the rows in a seeded order, cut at the plan's micro-batch or
 prediction batch, each padded to its longest row.
 
-EFFICIENCY holds what the H200 measured (make bench, 7B, 448x448, 2026-12-01; docs/BENCHMARKS.md):
-the share of the card's matrix rate the product's step reaches. On another card the same shares
-are assumed: an extrapolation from the H200. A slower card spends a larger share of its time in
-matrix work, so the H200's launch and bookkeeping overheads make the prediction err on the long
-side there.
+EFFICIENCY and ELEMENT_BYTES hold what the H200 measured (make bench BENCH_WORK=time, Qwen2.5-VL
+3B and 7B at 448x448, 2026-12-01; scripts/fit_time.py; docs/BENCHMARKS.md): the share of the
+card's matrix rate the product's step reaches, and the bytes a non-matrix pass moves per
+activation element and layer. Two sizes fix both: a narrower model does less matrix work per
+element, so its non-matrix share is larger. On another card the same shares are assumed: an
+extrapolation from the H200.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 from vqa.planning.shapes import Architecture
 
-# Measured on the H200 with make bench's 7B rows at 448x448 (2026-12-01): `make train` at its
-# plan (micro-batch 16, 6 layers and 3 attention blocks kept) 1.312 s an optimizer step of 16
-# rows; `make submit`'s scoring at batch 64, 0.0214 s a row; generation of 16 tokens at batch 6,
-# 0.2954 s a row. Each share is that run's FLOPs time at the card's rate over its measured time.
-EFFICIENCY = {"train": 0.216, "score": 0.296}
+# Fitted by scripts/fit_time.py on the H200's 448x448 rows of Qwen2.5-VL-3B and -7B
+# (docs/BENCHMARKS.md, "Predicted wall time against measured").
+EFFICIENCY = {"train": 0.216, "score": 0.414}
+ELEMENT_BYTES = {"train": 0.0, "score": 1068.0}
 GENERATE_STEP_SECONDS = 0.096  # a decoding step of one batch: kernel launches, not FLOPs
 VISION_WINDOW_PATCHES = 64  # a 112-pixel window of 14-pixel patches
 WINDOWED_FULL_BLOCKS = 4  # Qwen2.5-VL's full-attention blocks among its windowed ones
@@ -85,11 +89,50 @@ def batches(lengths: list[int], visual: list[int], size: int, seed: int | None
     return out
 
 
-def _batch_flops(arch: Architecture, padded: int, visual: list[int], logit_positions: int,
-                 windowed: bool) -> float:
+@dataclass
+class Cost:
+    """What some batches ask of a card: matrix FLOPs, activation elements touched by the work
+    that is not matrix products (norms, rope, activations, casts, residuals: counted as
+    elements x layers they pass through), weight bytes moved, decoding steps."""
+
+    flops: float = 0.0
+    elements: float = 0.0
+    weight_bytes: float = 0.0
+    decode_steps: int = 0
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.flops + other.flops, self.elements + other.elements,
+                    self.weight_bytes + other.weight_bytes, self.decode_steps + other.decode_steps)
+
+    def scaled(self, factor: float) -> "Cost":
+        return Cost(self.flops * factor, self.elements * factor, self.weight_bytes * factor,
+                    self.decode_steps)
+
+
+def seconds(cost: Cost, card: dict, kind: str) -> float:
+    """The card's time for `cost` done as `kind` of work (train or score)."""
+    rate, bandwidth, _ = card_rates(card)
+    return (cost.flops / (rate * EFFICIENCY[kind])
+            + (cost.elements * ELEMENT_BYTES[kind] + cost.weight_bytes) / bandwidth
+            + cost.decode_steps * GENERATE_STEP_SECONDS)
+
+
+def forward_elements(arch: Architecture, length: int, visual_tokens: int) -> float:
+    """Activation elements x layers of one row's forward: the language model's hidden state
+    over `length` tokens through its layers, the vision tower's over its patches through its
+    blocks."""
+    patches = (arch.merge ** 2) * visual_tokens
+    return (length * arch.hidden * arch.layers
+            + patches * arch.vision_hidden * arch.vision_depth)
+
+
+def _batch_cost(arch: Architecture, padded: int, visual: list[int], logit_positions: int,
+                windowed: bool) -> Cost:
     text_only = forward_flops(arch, padded, 0, logit_positions, windowed)
     vision = sum(forward_flops(arch, 0, v, 0, windowed) for v in visual)
-    return len(visual) * text_only + vision
+    elements = sum(forward_elements(arch, padded, 0) + forward_elements(arch, 0, v)
+                   for v in visual)
+    return Cost(len(visual) * text_only + vision, elements)
 
 
 def train_passes(arch: Architecture, kept_layers: int, kept_attention: int) -> float:
@@ -100,35 +143,47 @@ def train_passes(arch: Architecture, kept_layers: int, kept_attention: int) -> f
     return 2 + max(0.0, recomputed)
 
 
-def train_epoch_seconds(arch: Architecture, lengths: list[int], visual: list[int], micro: int,
-                        card: dict, *, quant: str = "4bit", kept_layers: int = 0,
-                        kept_attention: int = 0, seed: int = 42, windowed: bool = True,
-                        ranks: int = 1) -> float:
-    """One epoch of training on `ranks` cards: every micro-batch's FLOPs and weight traffic."""
-    rate, bandwidth, _ = card_rates(card)
+def train_epoch_cost(arch: Architecture, lengths: list[int], visual: list[int], micro: int, *,
+                     quant: str = "4bit", kept_layers: int = 0, kept_attention: int = 0,
+                     seed: int = 42, windowed: bool = True) -> Cost:
+    """One epoch of training: every micro-batch's forwards (train_passes) and weight traffic."""
     passes = train_passes(arch, kept_layers, kept_attention)
-    weights = arch.linear_params * DEQUANT_BYTES[quant] * 3
-    seconds = 0.0
+    cost = Cost()
     for padded, images in batches(lengths, visual, micro, seed):
-        flops = passes * _batch_flops(arch, padded + 2, images, 3, windowed)
-        seconds += flops / (rate * EFFICIENCY["train"]) + weights / bandwidth
-    return seconds / max(1, ranks)
+        # the prompt's rows plus the letter and <|im_end|> the labels add
+        cost += _batch_cost(arch, padded + 2, images, 3, windowed).scaled(passes)
+        cost.weight_bytes += arch.linear_params * DEQUANT_BYTES[quant] * 3
+    return cost
+
+
+def train_epoch_seconds(arch: Architecture, lengths: list[int], visual: list[int], micro: int,
+                        card: dict, *, ranks: int = 1, **options) -> float:
+    """One epoch of training on `ranks` cards (options: those of train_epoch_cost)."""
+    cost = train_epoch_cost(arch, lengths, visual, micro, **options)
+    return seconds(cost, card, "train") / max(1, ranks)
+
+
+def predict_cost(arch: Architecture, lengths: list[int], visual: list[int], batch: int, *,
+                 mode: str = "score", max_new_tokens: int = 16, quant: str = "4bit",
+                 windowed: bool = True) -> Cost:
+    """Prediction of the rows (in file order) at `batch`: scoring, or generation's prefill and
+    its decoding steps."""
+    weights = arch.linear_params * DEQUANT_BYTES[quant]
+    cost = Cost()
+    for padded, images in batches(lengths, visual, batch, None):
+        cost += _batch_cost(arch, padded, images, 1, windowed)
+        cost.weight_bytes += weights
+        if mode == "generate":
+            cost.decode_steps += max_new_tokens
+            cost.weight_bytes += max_new_tokens * weights
+    return cost
 
 
 def predict_seconds(arch: Architecture, lengths: list[int], visual: list[int], batch: int,
-                    card: dict, *, mode: str = "score", max_new_tokens: int = 16,
-                    quant: str = "4bit", windowed: bool = True, ranks: int = 1) -> float:
-    """Prediction of the rows (in file order) at `batch`: scoring, or generation's prefill and
-    decoding steps."""
-    rate, bandwidth, _ = card_rates(card)
-    weights = arch.linear_params * DEQUANT_BYTES[quant]
-    seconds = 0.0
-    for padded, images in batches(lengths, visual, batch, None):
-        seconds += (_batch_flops(arch, padded, images, 1, windowed)
-                    / (rate * EFFICIENCY["score"]) + weights / bandwidth)
-        if mode == "generate":
-            seconds += max_new_tokens * (GENERATE_STEP_SECONDS + weights / bandwidth)
-    return seconds / max(1, ranks)
+                    card: dict, *, ranks: int = 1, **options) -> float:
+    """Prediction on `ranks` cards (options: those of predict_cost)."""
+    return seconds(predict_cost(arch, lengths, visual, batch, **options), card,
+                   "score") / max(1, ranks)
 
 
 def predicted_times(config, arch: Architecture, work, plan, card: dict, card_name: str,
