@@ -93,3 +93,37 @@ def test_preflight_prints_predicted_hours_for_the_target_card(small_data, tiny_m
     assert "time: predicted on L4 (extrapolated from the H200's measured efficiency)" in out
     assert "CPU side:" in out  # decoding and processing a row, measured here
     assert "## Time" in (tmp_path / "preflight.md").read_text()
+
+
+def test_the_job_ends_when_the_stage_ends_plus_the_later_stages_at_the_measured_pace():
+    from vqa.clock import clock, postfix
+
+    now = 1_800_000_000.0
+    predicted = {"train_worst_s": 200.0, "submit_s": 50.0}
+    # 10 of 20 steps in 100 s: on the predicted pace, 100 s of training and 50 of submit left
+    assert postfix("train", 100, 10, 10, 20, predicted, now) == (
+        f"train ends {clock(now + 100, now)}, job ends {clock(now + 150, now)}")
+    # twice as slow as predicted: the later stages are assumed twice as slow too
+    assert postfix("train", 200, 10, 10, 20, predicted, now) == (
+        f"train ends {clock(now + 200, now)}, job ends {clock(now + 300, now)}")
+    # without a prediction (a CPU run, no card), the stage's own end only
+    assert postfix("train", 100, 10, 10, 20, None, now) == f"train ends {clock(now + 100, now)}"
+    assert postfix("submit", 10, 5, 5, 10, predicted, now) == f"submit ends {clock(now + 10, now)}"
+    assert postfix("train", 0, 0, 20, 20, predicted, now) == ""
+    assert clock(now + 3 * 86400, now)[:3].isalpha()  # days ahead: the weekday too
+
+
+def test_the_training_bar_shows_the_jobs_end():
+    from types import SimpleNamespace
+
+    from vqa.clock import job_clock
+
+    shown = []
+    bar = SimpleNamespace(set_postfix_str=lambda text, refresh: shown.append(text))
+    callback = job_clock({"train_worst_s": 10.0, "submit_s": 5.0})
+    callback.progress = SimpleNamespace(training_bar=bar)
+    state = SimpleNamespace(global_step=3, max_steps=10)  # resumed at step 3
+    callback.on_train_begin(None, state, None)
+    state.global_step = 5
+    callback.on_step_end(None, state, None)
+    assert len(shown) == 1 and shown[0].startswith("train ends ") and ", job ends " in shown[0]

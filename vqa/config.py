@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
@@ -77,6 +78,9 @@ class Config:
     # planning for a card other than the one at hand (preflight's peak-VRAM model)
     target_gpu: str = ""  # a name from vqa/planning/gpus.json, e.g. A10G, L4, T4, A100-40GB
     target_gpu_memory: str = ""  # e.g. 24GiB; wins over TARGET_GPU
+    # e.g. 6h, 30min, 1h30min: preflight picks the largest MAX_PIXELS whose predicted train and
+    # submit fit it on the card planned for (vqa/planning/budget.py)
+    time_budget: str = ""
     # the embedded default
     data_train_rows: int = 3000  # 0 = all of easy-vqa's share for the demo
     data_test_rows: int = 1000  # 0 = all 9,673
@@ -111,6 +115,10 @@ class Config:
         return min(4, (os.cpu_count() or 1) - 1) if cuda else 0
 
     @property
+    def time_budget_seconds(self) -> float | None:
+        return parse_duration(self.time_budget) if self.time_budget else None
+
+    @property
     def world_size(self) -> int:
         """Ranks in all: NPROC on each of NNODES hosts."""
         return self.nproc * self.nnodes
@@ -141,6 +149,22 @@ def knob_name(field_name: str) -> str:
 
 
 KNOBS = {knob_name(f.name): f.name for f in fields(Config)}
+_SECONDS = {"d": 86400, "day": 86400, "days": 86400, "h": 3600, "hr": 3600, "hour": 3600,
+            "hours": 3600, "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60, "s": 1,
+            "sec": 1, "second": 1, "seconds": 1}
+
+
+def parse_duration(raw: str) -> float:
+    """6h, 30min, 1h30min, 90m, 2.5h as seconds; ValueError naming TIME_BUDGET otherwise."""
+    text = raw.strip().lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]+)\s*", text)
+    if (not parts or "".join(re.findall(r"\d+(?:\.\d+)?\s*[a-z]+\s*", text)) != text
+            or any(unit not in _SECONDS for _, unit in parts)):
+        raise ValueError(f"TIME_BUDGET={raw!r}: expected e.g. 6h, 30min or 1h30min")
+    seconds = sum(float(number) * _SECONDS[unit] for number, unit in parts)
+    if seconds <= 0:
+        raise ValueError(f"TIME_BUDGET={raw!r}: must be more than no time")
+    return seconds
 
 
 def _parse_value(knob: str, raw: str, annotation):
@@ -211,8 +235,12 @@ def _check(config: Config) -> None:
         raise ConfigError(f"FOLD={config.fold}: needs FOLDS=K and must lie in 0..K-1")
     try:
         target_card(config.target_gpu, config.target_gpu_memory)
+        config.time_budget_seconds
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if config.time_budget and config.max_pixels:
+        raise ConfigError(f"TIME_BUDGET={config.time_budget} chooses MAX_PIXELS: set one of "
+                          f"them, not both (MAX_PIXELS={config.max_pixels})")
     if config.min_pixels and config.max_pixels and config.min_pixels > config.max_pixels:
         raise ConfigError(f"MIN_PIXELS={config.min_pixels} exceeds MAX_PIXELS={config.max_pixels}")
     if not 0 <= config.node_rank < config.nnodes:

@@ -19,7 +19,7 @@ from vqa.model import load_for_inference, load_processor
 from vqa.options import (answers_for, argmax_letter, circular_accuracy, combined, expanded,
                          letter_shares, per_shift, rotated_for, write_probabilities)
 from vqa.predict import accuracy, accuracy_by, predict_rows
-from vqa.planning.runplan import stage_plan
+from vqa.planning.runplan import planned, stage_plan
 from vqa.train import split_rows
 
 log = logging.getLogger("vqa")
@@ -68,7 +68,9 @@ def evaluate(config: Config) -> dict:
     vqa/fold_runs.py runs this for each fold)."""
     adapter = config.artifacts_dir / "lora_adapter"
     processor = load_processor(config)
-    batch = stage_plan(config, "eval", processor).pred_batch_size  # before the model is loaded
+    plan = stage_plan(config, "eval", processor)  # before the model is loaded
+    config, processor = planned(config, plan, processor)
+    batch = plan.pred_batch_size
     _, val_rows, _ = split_rows(config, processor)
     model, source = load_for_inference(config, adapter, processor, mode="score")
     log.info("evaluating %s", source)

@@ -64,7 +64,7 @@ def out_of_fold(config: Config, processor) -> pd.DataFrame:
     adapter and those settings are unchanged."""
     from vqa.model import load_for_inference
     from vqa.options import answers_for, expanded, rotated_for, write_probabilities
-    from vqa.planning.runplan import stage_plan
+    from vqa.planning.runplan import planned, stage_plan
     from vqa.predict import predict_rows
 
     adapter = config.artifacts_dir / "lora_adapter"
@@ -74,8 +74,10 @@ def out_of_fold(config: Config, processor) -> pd.DataFrame:
                  "calibrate_share": config.calibrate_share}
     if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == signature:
         return pd.read_csv(path, dtype={"id": str, "true": str, "answer": str})
+    plan = stage_plan(config, "eval", processor)
+    config, processor = planned(config, plan, processor)
     _, held, _ = split_rows(config, processor, whole_fold=True)
-    batch = stage_plan(config, "eval", processor).pred_batch_size
+    batch = plan.pred_batch_size
     model, _ = load_for_inference(config, adapter, processor, mode="score")
     rotated = rotated_for(config, held)
     result = predict_rows(model, processor, expanded(held, rotated), config.data_dir,

@@ -100,10 +100,9 @@ def predicted_time(config: Config, run: RunPlan) -> dict:
     card = timing.card_for(config, run.machine)
     if card is None:
         return {"skipped": "no card to predict for: set TARGET_GPU (vqa/planning/gpus.json)"}
-    if run.architecture is None:
+    if run.architecture is None or run.plan.predicted is None:
         return {"skipped": "no architecture to predict from (see the warning above)"}
-    times = timing.predicted_times(config, run.architecture, run.work, run.plan, card[1],
-                                   card[0], config.val_sample, 4 if config.tta == "rotate" else 1)
+    times = dict(run.plan.predicted)  # made with the plan, at the epochs it runs
     times["train_rows"] = len(run.work.train_lengths)
     times["workers"] = config.loader_workers(cuda=True)
     # with the processor the rows were measured with: loaded once, by the plan
@@ -144,6 +143,8 @@ def run_preflight(config: Config) -> int:
             print(f"  {stage}: {line}")
     for line in time_report(report["time"]):
         print(f"  time: {line}")
+    for line in words.budget_table(report["plan"]):
+        print(f"  {line}")
     log.info("reports: %s, %s, %s", plan_path, artifacts / "preflight.json",
              artifacts / "preflight.md")
     if report["blocking"]:

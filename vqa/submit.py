@@ -15,7 +15,7 @@ from vqa.journal import PredictionJournal, journal_path, read_all, read_journals
 from vqa.model import load_for_inference, load_processor
 from vqa.options import answers_for, expanded, original_ids, rotated_for, write_probabilities
 from vqa.predict import predict_rows
-from vqa.planning.runplan import stage_plan
+from vqa.planning.runplan import planned, stage_plan
 from vqa.submission import submission_order, write_submission
 
 log = logging.getLogger("vqa")
@@ -58,6 +58,7 @@ def submit(config: Config) -> dict:
     plan = stage_plan(config, "submit", processor) if here.is_main else None
     distributed.barrier()
     plan = plan or stage_plan(config, "submit", processor)
+    config, processor = planned(config, plan, processor)
     batch = plan.pred_batch_size
     model, source = load_for_inference(config, config.artifacts_dir / "lora_adapter",
                                        processor)

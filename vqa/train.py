@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from vqa import distributed
+from vqa.clock import job_clock
 from vqa.config import Config, ConfigError
 from vqa.data import (DataError, VQACollator, image_problems, letter_token_ids, read_table,
                       stratified_sample, stratified_split)
@@ -38,7 +39,7 @@ from vqa.io import file_fingerprint, write_json_atomic
 from vqa.model import attach_lora, device_and_dtype, load_model, load_processor, model_fingerprint
 from vqa.options import shuffled_options
 from vqa.planning.planner import Plan
-from vqa.planning.runplan import stage_plan
+from vqa.planning.runplan import planned, stage_plan
 from vqa.speed import labelled_loss
 from vqa.trainer import (backoff_trainer_class, letter_metrics, plot_curves, step_seconds,
                          step_timer, tensorboard_callback)
@@ -237,7 +238,8 @@ def build_trainer(config: Config, plan: Plan, model, processor, train_rows: list
         if distributed.world().is_main:  # `tensorboard --logdir ARTIFACTS_DIR/runs`
             callbacks.append(tensorboard_callback(
                 config.artifacts_dir / "runs" / time.strftime("train-%Y%m%d-%H%M%S")))
-    return backoff_trainer_class()(
+            callbacks.append(job_clock(plan.predicted))
+    trainer = backoff_trainer_class()(
         model=model,
         args=training_arguments(config, micro, accumulation, steps_per_epoch, output_dir,
                                 max_steps),
@@ -251,6 +253,14 @@ def build_trainer(config: Config, plan: Plan, model, processor, train_rows: list
         remedy=(f"lower MAX_PIXELS (now {config.max_pixels or 'the processor default'}; each "
                 f"halving halves the image tokens) or use a card with more memory"),
     )
+    from transformers.trainer_callback import ProgressCallback
+
+    progress = next((c for c in trainer.callback_handler.callbacks
+                     if isinstance(c, ProgressCallback)), None)
+    for c in trainer.callback_handler.callbacks:
+        if type(c).__name__ == "JobClock":
+            c.progress = progress
+    return trainer
 
 
 def train(config: Config) -> dict:
@@ -276,6 +286,7 @@ def train(config: Config) -> dict:
     plan = stage_plan(config, "train", processor) if here.is_main else None
     distributed.barrier()
     plan = plan or stage_plan(config, "train", processor)
+    config, processor = planned(config, plan, processor)
     if plan.ranks != here.size:
         raise ConfigError(f"the plan is for {plan.ranks} rank(s) (NPROC={plan.nproc} x "
                           f"NNODES={plan.nnodes}) but {here.size} run: start training with "
@@ -320,6 +331,8 @@ def train(config: Config) -> dict:
         "effective_batch_size": micro * accumulation * here.size,
         "uncheckpointed_layers": plan.uncheckpointed_layers,
         "uncheckpointed_attention": plan.uncheckpointed_attention,
+        "max_pixels": config.max_pixels,  # None: the processor's own (TIME_BUDGET: its choice)
+        "epochs": config.epochs,
         "optimizer_steps": trainer.state.global_step,
         "epochs_run": trainer.state.epoch,
         "best_checkpoint": trainer.state.best_model_checkpoint,

@@ -80,6 +80,14 @@ class Plan:
     suggested_max_pixels: int | None = None
     suggested_visual_tokens: int | None = None
     gpus_found: int = 0
+    # TIME_BUDGET's choice (budget.py): the resolution and, when even the smallest is too slow,
+    # the epochs the stages run with; the table of every candidate
+    max_pixels: int | None = None
+    epochs: int | None = None
+    time_budget: dict | None = None
+    # each stage's predicted seconds on the card planned for (timing.predicted_times), for the
+    # progress bars' predicted end of the job; None where there is no card or architecture
+    predicted: dict | None = None
 
     @property
     def ranks(self) -> int:

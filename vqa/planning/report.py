@@ -137,8 +137,36 @@ def warnings(plan: dict) -> list[str]:
 
 def blocking(plan: dict) -> list[str]:
     name = plan["budget"]["name"] if plan["budget"] else ""
+    budget = (plan.get("time_budget") or {}).get("blocking")
     return [f"{b['work']} is predicted to peak at {b['reserved_gib']:.1f} GiB, more than the "
-            f"{b['planned_gib']:.1f} GiB planned on {name}" for b in plan["blocking"]]
+            f"{b['planned_gib']:.1f} GiB planned on {name}" for b in plan["blocking"]] + (
+        [budget] if budget else [])
+
+
+def budget_table(plan: dict) -> list[str]:
+    """TIME_BUDGET's trade, one candidate resolution a row: what was chosen and why the larger
+    ones were not ([] without a budget)."""
+    from vqa.planning.timing import hours
+
+    b = plan.get("time_budget")
+    if not b:
+        return []
+    chosen = f"MAX_PIXELS={b['chosen_max_pixels']}" + (f", EPOCHS={b['epochs']}" if b["note"]
+                                                       or b["blocking"] else "")
+    lines = [f"TIME_BUDGET={b['budget']} ({hours(b['budget_s'])}) on {b['card']}: {chosen}"
+             + (f" ({b['note']})" if b["note"] else ""),
+             "| MAX_PIXELS | visual tokens median / max | peak GiB train / predict | train, "
+             "every epoch | submit | total | |", "|---|---|---|---|---|---|---|"]
+    for r in b["rows"]:
+        mark = ("chosen" if r["max_pixels"] == b["chosen_max_pixels"] else
+                "over memory" if not r["fits_memory"] else
+                "over budget" if not r["fits_time"] else "")
+        peaks = " / ".join("-" if g is None else f"{g:.1f}" for g in (r["train_gib"],
+                                                                     r["predict_gib"]))
+        lines.append(f"| {r['max_pixels']:,} | {r['visual_median']:g} / {r['visual_max']} | "
+                     f"{peaks} | {hours(r['train_s'])} | {hours(r['submit_s'])} | "
+                     f"{hours(r['total_s'])} | {mark} |")
+    return lines
 
 
 def stage_lines(plan: dict, stage: str) -> list[str]:
@@ -234,6 +262,9 @@ def preflight_markdown(report: dict) -> str:
         from vqa.planning.timing import time_lines
 
         lines += [f"- {line}" for line in time_lines(times)]
+    if plan.get("time_budget"):
+        table = budget_table(plan)
+        lines += ["", "## Time budget", "", table[0], "", *table[1:]]
     lines += ["", "## Plan", ""]
     if plan["budget"]:
         b = plan["budget"]

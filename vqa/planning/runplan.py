@@ -38,7 +38,9 @@ PLAN_SETTINGS = ("MODEL_ID", "QUANT", "LORA_R", "LORA_TARGETS", "EFFECTIVE_BATCH
                  "PER_DEVICE_BATCH", "PRED_BATCH_SIZE", "UNCHECKPOINTED_LAYERS",
                  "UNCHECKPOINTED_ATTENTION", "MIN_PIXELS", "MAX_PIXELS", "MAX_SEQUENCE_LENGTH",
                  "INFER_MODE", "MAX_NEW_TOKENS", "NPROC", "NNODES", "TARGET_GPU",
-                 "TARGET_GPU_MEMORY")
+                 "TARGET_GPU_MEMORY", "TIME_BUDGET")
+# ... and those a time budget depends on too, when one is set
+BUDGET_SETTINGS = ("EPOCHS", "TTA", "VAL_SAMPLE", "EARLY_STOPPING_PATIENCE")
 
 
 def _digest(items) -> str:
@@ -81,8 +83,9 @@ def _tables(config: Config) -> dict:
 def plan_inputs(config: Config, machine: Machine, tables: dict) -> dict:
     """What the plan depends on, each part named so a change can be told by name."""
     settings = config.to_json()
+    knobs = PLAN_SETTINGS + (BUDGET_SETTINGS if config.time_budget else ())
     return {
-        "settings": {k: settings[k] for k in PLAN_SETTINGS},
+        "settings": {k: settings[k] for k in knobs},
         **{name: file_fingerprint(config.data_dir / name) for name in ("train.csv", "test.csv")},
         "images": _images(config, tables),
         "model": _model_files(config.resolved_model_id),
@@ -143,6 +146,58 @@ def _measure(config: Config, processor=None) -> tuple[Tokens, str | None, object
     return tokens_from_processor(processor), None, processor
 
 
+def _budget_plan(config: Config, machine: Machine, arch: Architecture | None,
+                 train_shapes: list[RowShape], test_shapes: list[RowShape], tokens: Tokens,
+                 budget) -> tuple[Plan, Workload]:
+    from vqa.config import ConfigError
+    from vqa.planning import budget as time_budget
+    from vqa.planning.timing import card_for
+
+    card = card_for(config, machine)
+    if card is None or arch is None:
+        raise ConfigError(f"TIME_BUDGET={config.time_budget} needs "
+                          + ("a card to predict for: set TARGET_GPU (a name in "
+                             "vqa/planning/gpus.json)" if card is None else
+                             "the model's architecture (see the warning above)"))
+    return time_budget.choose(config, arch, train_shapes, test_shapes + train_shapes, tokens,
+                              budget, card, gpus_found=len(visible_gpus(machine)))
+
+
+def _predicted(config: Config, machine: Machine, arch: Architecture | None, work: Workload,
+               plan: Plan) -> dict | None:
+    """The stages' predicted seconds on the card planned for (timing.py), at the epochs the
+    plan runs; None without a card the table knows or an architecture."""
+    import dataclasses
+
+    from vqa.planning.timing import card_for, predicted_times
+
+    card = card_for(config, machine)
+    if card is None or arch is None:
+        return None
+    if plan.epochs:
+        config = dataclasses.replace(config, epochs=plan.epochs)
+    return predicted_times(config, arch, work, plan, card[1], card[0], config.val_sample,
+                           4 if config.tta == "rotate" else 1)
+
+
+def planned(config: Config, plan: Plan, processor):
+    """The config and processor a stage runs with after stage_plan: the MAX_PIXELS and EPOCHS
+    TIME_BUDGET chose (the processor loaded again at that bound), else the stage's own."""
+    import dataclasses
+
+    from vqa.model import load_processor
+
+    changes = {k: v for k, v in (("max_pixels", plan.max_pixels), ("epochs", plan.epochs))
+               if v is not None and v != getattr(config, k)}
+    if not changes:
+        return config, processor
+    log.info("plan: TIME_BUDGET=%s runs %s", config.time_budget,
+             " ".join(f"{k.upper()}={v}" for k, v in changes.items()))
+    # MAX_PIXELS and TIME_BUDGET may not both be set: the chosen bound replaces the budget
+    config = dataclasses.replace(config, time_budget="", **changes)
+    return config, (load_processor(config) if "max_pixels" in changes else processor)
+
+
 def make_run_plan(config: Config, machine: Machine | None = None, processor=None,
                   tables: dict | None = None) -> RunPlan:
     """Scans train.csv and test.csv (image headers, token counts) and plans: the one function
@@ -162,8 +217,13 @@ def make_run_plan(config: Config, machine: Machine | None = None, processor=None
         log.warning("%s", exc)
     budget = budget_for(config.target_gpu, config.target_gpu_memory, machine, config.nproc)
     # Prediction sees test.csv's rows, and train.csv's in make eval's validation sample.
-    plan, work = make_plan(config, budget, arch, train_shapes, test_shapes + train_shapes,
-                           tokens, gpus_found=len(visible_gpus(machine)))
+    if config.time_budget:
+        plan, work = _budget_plan(config, machine, arch, train_shapes, test_shapes, tokens,
+                                  budget)
+    else:
+        plan, work = make_plan(config, budget, arch, train_shapes, test_shapes + train_shapes,
+                               tokens, gpus_found=len(visible_gpus(machine)))
+    plan.predicted = _predicted(config, machine, arch, work, plan)
     return RunPlan(plan, plan_inputs(config, machine, tables), machine, tokens, source, work,
                    tables, train_shapes, test_shapes,
                    [p for _, problems in scanned.values() for p in problems], processor_problem,

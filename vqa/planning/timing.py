@@ -212,11 +212,11 @@ def predicted_times(config, arch: Architecture, work, plan, card: dict, card_nam
     # patience 1: at the earliest, the second epoch is worse than the first and training stops
     best_epochs = min(config.epochs, 1 + config.early_stopping_patience)
     return {"card": card_name, "extrapolated_from_h200": card_name != H200,
-            "train_epoch_s": round(epoch, 1), "train_best_s": round(epoch * best_epochs, 1),
-            "train_worst_s": round(epoch * config.epochs, 1), "best_epochs": best_epochs,
-            "epochs": config.epochs, "eval_s": round(validation * shifts, 1),
-            "submit_s": round(submit, 1), "efficiency": dict(EFFICIENCY),
-            "generate_step_s": GENERATE_STEP_SECONDS}
+            "train_epoch_s": round(epoch, 4), "train_best_s": round(epoch * best_epochs, 4),
+            "train_worst_s": round(epoch * config.epochs, 4), "best_epochs": best_epochs,
+            "epochs": config.epochs, "eval_s": round(validation * shifts, 4),
+            "submit_s": round(submit, 4), "efficiency": dict(EFFICIENCY),
+            "element_bytes": dict(ELEMENT_BYTES), "generate_step_s": GENERATE_STEP_SECONDS}
 
 
 def hours(seconds: float) -> str:
