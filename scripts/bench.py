@@ -734,8 +734,10 @@ def bench_time(bench: Bench, cases: list[Case], parts: tuple[str, ...] = ("train
             mode="score", workers=workers), len(rows))
         # the GPU waits while one worker prepares the first batch; the others keep pace
         prepared = timed_preparation(case, batch)["s_per_item"]
-        cost = timing.predict_cost(case.arch, case.work.predict_lengths,
-                                   case.work.predict_visual, batch, windowed=windowed)
+        # the test rows alone: the planned prediction rows also hold make eval's
+        cost = timing.predict_cost(case.arch, case.work.predict_lengths[:len(rows)],
+                                   case.work.predict_visual[:len(rows)], batch,
+                                   windowed=windowed)
         row(case, "score row", batch, cost, "score", len(rows), result.get("s_per_item"),
             cpu_s=prepared * min(batch, len(rows)), prepare_row_s=prepared,
             peak_reserved_gib=result.get("peak_reserved_gib"), load_s=load_s)

@@ -1,17 +1,19 @@
 """Fits the time model's factors (vqa/planning/timing.py) on make bench's measured rows.
 
-    python scripts/fit_time.py BENCH_JSON [BENCH_JSON ...] [--fit 448x448]
+    python scripts/fit_time.py BENCH_JSON [BENCH_JSON ...] [--fit 448x448] [--fit-models 3B,7B]
 
 Reads the rows `make bench BENCH_WORK=time` recorded (each with its cost in parts: matrix
 FLOPs, non-matrix elements, weight bytes, decoding steps, CPU seconds), and for each kind of
-work (train, score) solves, by least squares over the rows whose images are in --fit:
+work (train, score) solves, by least squares over the rows whose images are in --fit (and whose
+model's name ends in one of --fit-models, when given):
 
     measured - weight bytes / bandwidth - decoding - CPU = FLOPs / (rate x EFFICIENCY)
                                                         + elements x ELEMENT_BYTES / bandwidth
 
-Prints the factors to put in timing.py and the table of every row, predicted with them against
-measured: the rows not fitted on are the check. A negative ELEMENT_BYTES (the rows cannot tell
-the two terms apart) is fixed at 0 and the efficiency fitted alone.
+Each row weighs by its relative error; neither factor may be negative. Prints the factors to put
+in timing.py and the table of every row, predicted with them against measured, and each fitted
+row predicted again by the factors fitted on the others alone (leave one out): with the rows
+never fitted on, that is the out-of-sample check.
 """
 
 from __future__ import annotations
@@ -41,31 +43,44 @@ def read_rows(paths: list[Path]) -> list[dict]:
     return rows
 
 
-def fit(rows: list[dict], kind: str, fitted_on: set[str]) -> tuple[float, float]:
-    """(EFFICIENCY, ELEMENT_BYTES) of `kind` from its rows whose images are in `fitted_on`."""
-    import numpy as np
+def fitted_on(row: dict, images: set[str], models: list[str]) -> bool:
+    return row["images"] in images and (not models or any(row["model"].endswith(m)
+                                                             for m in models))
 
+
+def _terms(row: dict) -> tuple[list[float], float]:
+    """The row's two fitted terms (FLOPs over the rate, elements over the bandwidth) and what
+    is left of its measured time for them."""
     from vqa.planning import timing
     from vqa.planning.hardware import gpu_table
 
-    design, target = [], []
-    for r in rows:
-        if r["kind"] != kind or r["images"] not in fitted_on:
-            continue
-        rate, bandwidth, _ = timing.card_rates(gpu_table()[r["card"]])
-        c = r["cost"]
-        fixed = (c["weight_bytes"] / bandwidth + c["decode_steps"] * timing.GENERATE_STEP_SECONDS
-                 + c["cpu_s"])
-        design.append([c["flops"] / rate, c["elements"] / bandwidth])
-        target.append(r["measured_s"] - fixed)
-    if not design:
-        raise SystemExit(f"fit_time: no {kind} rows at {', '.join(sorted(fitted_on))}")
-    x = np.array(design)
-    y = np.array(target)
-    inverse, element_bytes = np.linalg.lstsq(x, y, rcond=None)[0]
-    if element_bytes < 0 or len(design) < 2:
-        inverse, element_bytes = float(x[:, 0] @ y / (x[:, 0] @ x[:, 0])), 0.0
-    return 1 / float(inverse), float(element_bytes)
+    rate, bandwidth, _ = timing.card_rates(gpu_table()[row["card"]])
+    c = row["cost"]
+    fixed = (c["weight_bytes"] / bandwidth + c["decode_steps"] * timing.GENERATE_STEP_SECONDS
+             + c["cpu_s"])
+    return [c["flops"] / rate, c["elements"] / bandwidth], row["measured_s"] - fixed
+
+
+def solve(rows: list[dict]) -> tuple[float, float]:
+    """(EFFICIENCY, ELEMENT_BYTES) that minimise the rows' relative errors, neither negative
+    (one row: the efficiency alone)."""
+    import numpy as np
+    from scipy.optimize import nnls
+
+    terms = [_terms(r) for r in rows]
+    weight = np.array([1 / r["measured_s"] for r in rows])  # each row's error relative to it
+    x = np.array([t[0] for t in terms]) * weight[:, None]
+    y = np.array([t[1] for t in terms]) * weight
+    if len(rows) < 2:
+        x = x[:, :1]
+    coefficients = nnls(x, y)[0]
+    inverse, element_bytes = coefficients[0], (coefficients[1] if len(coefficients) > 1 else 0)
+    return (1 / inverse if inverse else float("inf")), float(element_bytes)
+
+
+def predicted(row: dict, factors: tuple[float, float]) -> float:
+    (flops, elements), left = _terms(row)
+    return row["measured_s"] - left + flops / factors[0] + elements * factors[1]
 
 
 def main() -> int:
@@ -75,30 +90,45 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bench_json", nargs="+", type=Path)
     parser.add_argument("--fit", default="448x448", help="image sets to fit on, comma-separated")
+    parser.add_argument("--fit-models", default="",
+                        help="fit only on models whose name ends so, comma-separated (e.g. 3B,7B)")
     args = parser.parse_args()
     rows = read_rows(args.bench_json)
-    fitted_on = set(args.fit.split(","))
+    images = set(args.fit.split(","))
+    models = [m for m in args.fit_models.split(",") if m]
     kinds = sorted({r["kind"] for r in rows})
+    factors = {}
     for kind in kinds:
-        timing.EFFICIENCY[kind], timing.ELEMENT_BYTES[kind] = fit(rows, kind, fitted_on)
-    print("EFFICIENCY = {" + ", ".join(f'"{k}": {timing.EFFICIENCY[k]:.3f}' for k in kinds)
+        fitted = [r for r in rows if r["kind"] == kind and fitted_on(r, images, models)]
+        if not fitted:
+            raise SystemExit(f"fit_time: no {kind} rows to fit at {', '.join(sorted(images))}")
+        factors[kind] = solve(fitted)
+    print("EFFICIENCY = {" + ", ".join(f'"{k}": {factors[k][0]:.3f}' for k in kinds) + "}")
+    print("ELEMENT_BYTES = {" + ", ".join(f'"{k}": {factors[k][1]:.0f}.0' for k in kinds)
           + "}")
-    print("ELEMENT_BYTES = {" + ", ".join(f'"{k}": {timing.ELEMENT_BYTES[k]:.0f}.0'
-                                           for k in kinds) + "}")
-    print("\n| model | images | work | batch | predicted s | measured s | error | role |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| model | images | work | batch | measured s | predicted s | error | left out: "
+          "predicted s | error |")
+    print("|---|---|---|---|---|---|---|---|---|")
     within = checked = 0
     for r in rows:
-        c = r["cost"]
-        cost = timing.Cost(c["flops"], c["elements"], c["weight_bytes"], c["decode_steps"])
-        predicted = timing.seconds(cost, gpu_table()[r["card"]], r["kind"]) + c["cpu_s"]
-        error = 100 * (r["measured_s"] / predicted - 1)
-        role = "fit" if r["images"] in fitted_on else "check"
-        checked += role == "check"
-        within += role == "check" and abs(error) <= TOLERANCE
-        print(f"| {r['model']} | {r['images']} | {r['work']} | {r['batch']} | {predicted:.4g} | "
-              f"{r['measured_s']:.4g} | {error:+.1f}% | {role} |")
-    print(f"\n{within} of {checked} checked rows within ±{TOLERANCE}%")
+        kind = r["kind"]
+        guess = predicted(r, factors[kind])
+        error = 100 * (r["measured_s"] / guess - 1)
+        if fitted_on(r, images, models):  # fitted again without it: an out-of-sample error
+            others = [o for o in rows if o["kind"] == kind and o is not r
+                      and fitted_on(o, images, models)]
+            held = predicted(r, solve(others)) if others else None
+        else:
+            held = guess  # never fitted on
+        held_error = 100 * (r["measured_s"] / held - 1) if held else None
+        if held_error is not None:
+            checked += 1
+            within += abs(held_error) <= TOLERANCE
+        name = Path(r["model"]).name.removeprefix("model-")
+        print(f"| {name} | {r['images']} | {r['work']} | {r['batch']} | {r['measured_s']:.4g} | "
+              f"{guess:.4g} | {error:+.1f}% | "
+              + (f"{held:.4g} | {held_error:+.1f}% |" if held else "- | - |"))
+    print(f"\n{within} of {checked} rows within ±{TOLERANCE}% when left out of the fit")
     return 0
 
 

@@ -52,9 +52,28 @@ def test_time_grows_with_rows_tokens_and_epochs_and_shrinks_with_a_faster_card()
 
 def test_padding_counts_each_batch_at_its_longest_row():
     lengths, visual = [100, 900, 100, 900], [4] * 4
-    in_order = timing.batches(lengths, visual, 2, None)
-    assert [b[0] for b in in_order] == [900, 900]
-    assert [b[0] for b in timing.batches(sorted(lengths), visual, 2, None)] == [100, 900]
+    # prediction orders rows by text length, longest first (vqa.predict.length_order)
+    assert [b[0] for b in timing.batches(lengths, visual, 2, None)] == [900, 100]
+    # ... by text alone: a large image does not move a row
+    assert timing.batches([300, 200, 1000], [8, 8, 900], 1, None) == [
+        (300, [8]), (200, [8]), (1000, [900])]
+    # training draws them in the sampler's seeded order: some batch mixes long and short
+    drawn = timing.batches([100, 900] * 8, [4] * 16, 2, seed=42)
+    assert len(drawn) == 8 and {b[0] for b in drawn} == {100, 900}
+    assert drawn == timing.batches([100, 900] * 8, [4] * 16, 2, seed=42)
+
+
+def test_submit_is_predicted_on_the_test_rows_alone():
+    from vqa.planning.planner import Plan
+    from vqa.planning.rows import Workload
+
+    config = load_config(["TARGET_GPU=A10G"], environ={})
+    a10g = gpu_table()["A10G"]
+    # 100 test rows, then 300 of train.csv's that make eval's validation sample may use
+    work = Workload([400] * 300, [256] * 300, [400] * 400, [256] * 400, test_rows=100)
+    times = timing.predicted_times(config, ARCH, work, Plan(8, 2, 32), a10g, "A10G", 64)
+    alone = timing.predict_seconds(ARCH, [400] * 100, [256] * 100, 32, a10g)
+    assert times["submit_s"] == pytest.approx(alone, rel=1e-3)
 
 
 def test_cards_without_bf16_use_their_fp16_rate():

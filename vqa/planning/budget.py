@@ -49,7 +49,7 @@ def _row(max_pixels: int, work: Workload, plan: Plan, times: dict, budget_s: flo
             "fits_time": total <= budget_s}
 
 
-def choose(config: Config, arch: Architecture, train: list[RowShape], predict: list[RowShape],
+def choose(config: Config, arch: Architecture, train: list[RowShape], test: list[RowShape],
            tokens: Tokens, budget: Budget | None, card: tuple[str, dict], gpus_found: int = 0
            ) -> tuple[Plan, Workload]:
     """The plan and workload at the resolution (and, if need be, the EPOCHS) the budget
@@ -59,9 +59,11 @@ def choose(config: Config, arch: Architecture, train: list[RowShape], predict: l
     budget_s = config.time_budget_seconds
     shifts = 4 if config.tta == "rotate" else 1
     tried = []
-    for max_pixels in candidates(tokens, train + predict):
+    for max_pixels in candidates(tokens, train + test):
         at = dataclasses.replace(tokens, max_pixels=max_pixels)
-        plan, work = make_plan(config, budget, arch, train, predict, at, gpus_found)
+        # prediction sees test.csv's rows, and train.csv's in make eval's validation sample
+        plan, work = make_plan(config, budget, arch, train, test + train, at, gpus_found,
+                               test_rows=len(test))
         times = predicted_times(config, arch, work, plan, card[1], card[0], config.val_sample,
                                 shifts)
         tried.append((plan, work, _row(max_pixels, work, plan, times, budget_s)))

@@ -161,6 +161,7 @@ class Workload:
     train_visual: list[int]
     predict_lengths: list[int]
     predict_visual: list[int]
+    test_rows: int | None = None  # the first prediction rows that are test.csv's (None: all)
 
     @staticmethod
     def worst_batch(lengths: list[int], visual: list[int], batch: int) -> tuple[int, int]:

@@ -159,8 +159,8 @@ def _budget_plan(config: Config, machine: Machine, arch: Architecture | None,
                           + ("a card to predict for: set TARGET_GPU (a name in "
                              "vqa/planning/gpus.json)" if card is None else
                              "the model's architecture (see the warning above)"))
-    return time_budget.choose(config, arch, train_shapes, test_shapes + train_shapes, tokens,
-                              budget, card, gpus_found=len(visible_gpus(machine)))
+    return time_budget.choose(config, arch, train_shapes, test_shapes, tokens, budget, card,
+                              gpus_found=len(visible_gpus(machine)))
 
 
 def _predicted(config: Config, machine: Machine, arch: Architecture | None, work: Workload,
@@ -222,7 +222,8 @@ def make_run_plan(config: Config, machine: Machine | None = None, processor=None
                                   budget)
     else:
         plan, work = make_plan(config, budget, arch, train_shapes, test_shapes + train_shapes,
-                               tokens, gpus_found=len(visible_gpus(machine)))
+                               tokens, gpus_found=len(visible_gpus(machine)),
+                               test_rows=len(test_shapes))
     plan.predicted = _predicted(config, machine, arch, work, plan)
     return RunPlan(plan, plan_inputs(config, machine, tables), machine, tokens, source, work,
                    tables, train_shapes, test_shapes,

@@ -16,15 +16,15 @@ plus the bytes its non-matrix work and its weights move over the card's memory b
 - Weights: a 4-bit Linear is dequantized on every pass (read 0.5 byte a parameter, write and read
   2); 3 passes a training micro-step, 1 a scoring batch, 1 every generated token.
 - Generation adds, per new token, a launch-bound step measured on the H200.
-The batches are the run's own: the rows in a seeded order, cut at the plan's micro-batch or
-prediction batch, each padded to its longest row.
+The batches are the run's own: the rows in a seeded order (training) or by text length
+(prediction), cut at the plan's micro-batch or prediction batch, each padded to its longest row.
 
 EFFICIENCY and ELEMENT_BYTES hold what the H200 measured (make bench BENCH_WORK=time, Qwen2.5-VL
-3B and 7B at 448x448, 2026-12-01; scripts/fit_time.py; docs/BENCHMARKS.md): the share of the
-card's matrix rate the product's step reaches, and the bytes a non-matrix pass moves per
-activation element and layer. Two sizes fix both: a narrower model does less matrix work per
-element, so its non-matrix share is larger. On another card the same shares are assumed: an
-extrapolation from the H200.
+3B and 7B at 448x448, 1024x768 and mixed photos, 2026-12-01; scripts/fit_time.py;
+docs/BENCHMARKS.md): the share of the card's matrix rate the product's step reaches, and the
+bytes a non-matrix pass moves per activation element and layer. Two sizes tell them apart: a
+narrower model does less matrix work per element, so its non-matrix share is larger. On another
+card the same factors are assumed: an extrapolation from the H200.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from dataclasses import dataclass
 
 from vqa.planning.shapes import Architecture
 
-# Fitted by scripts/fit_time.py on the H200's 448x448 rows of Qwen2.5-VL-3B and -7B
-# (docs/BENCHMARKS.md, "Predicted wall time against measured").
-EFFICIENCY = {"train": 0.216, "score": 0.414}
-ELEMENT_BYTES = {"train": 0.0, "score": 1068.0}
+# Fitted by scripts/fit_time.py on the H200's rows of Qwen2.5-VL-3B and -7B at 448x448,
+# 1024x768 and mixed photos (docs/measurements/time-h200-2026-12-01.json; docs/BENCHMARKS.md,
+# "Predicted wall time against measured").
+EFFICIENCY = {"train": 0.339, "score": 0.284}
+ELEMENT_BYTES = {"train": 1141.0, "score": 43.0}
 GENERATE_STEP_SECONDS = 0.096  # a decoding step of one batch: kernel launches, not FLOPs
 VISION_WINDOW_PATCHES = 64  # a 112-pixel window of 14-pixel patches
 WINDOWED_FULL_BLOCKS = 4  # Qwen2.5-VL's full-attention blocks among its windowed ones
@@ -77,11 +78,13 @@ def forward_flops(arch: Architecture, length: int, visual_tokens: int, logit_pos
 def batches(lengths: list[int], visual: list[int], size: int, seed: int | None
             ) -> list[tuple[int, list[int]]]:
     """The rows cut into batches of `size` (in a seeded random order, as the Trainer's sampler
-    draws them; in file order when `seed` is None, as prediction runs): each batch's padded
-    length and its rows' visual tokens."""
+    draws them; when `seed` is None, by text length, longest first, as prediction orders them:
+    vqa.predict.length_order): each batch's padded length and its rows' visual tokens."""
     order = list(range(len(lengths)))
     if seed is not None:
         random.Random(seed).shuffle(order)
+    else:
+        order.sort(key=lambda i: visual[i] - lengths[i])
     out = []
     for start in range(0, len(order), max(1, size)):
         chunk = order[start:start + size]
@@ -204,7 +207,9 @@ def predicted_times(config, arch: Architecture, work, plan, card: dict, card_nam
     validation = predict_seconds(arch, work.train_lengths[:n_val], work.train_visual[:n_val],
                                  plan.pred_batch_size, card, quant=config.quant,
                                  windowed=windowed)
-    submit = predict_seconds(arch, work.predict_lengths * shifts, work.predict_visual * shifts,
+    tests = len(work.predict_lengths) if work.test_rows is None else work.test_rows
+    submit = predict_seconds(arch, work.predict_lengths[:tests] * shifts,
+                             work.predict_visual[:tests] * shifts,
                              plan.pred_batch_size, card, mode=config.infer_mode,
                              max_new_tokens=config.max_new_tokens, quant=config.quant,
                              windowed=windowed, ranks=ranks)
