@@ -84,9 +84,6 @@ def predicted(row: dict, factors: tuple[float, float]) -> float:
 
 
 def main() -> int:
-    from vqa.planning import timing
-    from vqa.planning.hardware import gpu_table
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bench_json", nargs="+", type=Path)
     parser.add_argument("--fit", default="448x448", help="image sets to fit on, comma-separated")

@@ -286,6 +286,7 @@ def train(config: Config) -> dict:
     plan = stage_plan(config, "train", processor) if here.is_main else None
     distributed.barrier()
     plan = plan or stage_plan(config, "train", processor)
+    asked = config  # the signature is of the settings asked for; TIME_BUDGET's choice follows
     config, processor = planned(config, plan, processor)
     if plan.ranks != here.size:
         raise ConfigError(f"the plan is for {plan.ranks} rank(s) (NPROC={plan.nproc} x "
@@ -297,7 +298,7 @@ def train(config: Config) -> dict:
                         uncheckpointed_layers=plan.uncheckpointed_layers,
                         uncheckpointed_attention=plan.uncheckpointed_attention)
     if signature["base_weights"].get("commit", "") is None:
-        signature = train_signature(config)  # the hub model is in the cache now: its commit
+        signature = train_signature(asked)  # the hub model is in the cache now: its commit
     # Rank 0 sets stale checkpoints aside first; the other ranks then only read.
     resume = _checkpoint_to_resume(artifacts / "checkpoints", signature) if here.is_main else None
     distributed.barrier()
