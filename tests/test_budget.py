@@ -108,7 +108,7 @@ def test_preflight_prints_the_trade_and_train_runs_at_the_chosen_resolution(tiny
     out = capsys.readouterr().out
     assert "TIME_BUDGET=1000h" in out and "| MAX_PIXELS | visual tokens median / max |" in out
     rows = json.loads((roomy / PLAN_FILE).read_text())["plan"]["time_budget"]["rows"]
-    assert len(rows) >= 2 and "## Time budget" in (roomy / "preflight.md").read_text()
+    assert len(rows) >= 2 and "## Resolution against time" in (roomy / "preflight.md").read_text()
     # a budget between the two largest candidates' predicted times: the second is chosen
     between = (rows[0]["total_s"] + rows[1]["total_s"]) / 2
     config = load_config([*base, f"ARTIFACTS_DIR={tmp_path / 'run'}",
@@ -118,3 +118,24 @@ def test_preflight_prints_the_trade_and_train_runs_at_the_chosen_resolution(tiny
     assert saved["max_pixels"] == rows[1]["max_pixels"] < rows[0]["max_pixels"]
     metrics = train(config)  # reads the plan preflight saved
     assert metrics["max_pixels"] == rows[1]["max_pixels"] and metrics["epochs"] == 1
+
+
+def test_preflight_without_a_budget_shows_the_trade_it_would_choose_from(tmp_path, capsys,
+                                                                        monkeypatch):
+    from vqa.preflight import run_preflight
+    from vqa.realsize import write_synthetic_data
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the hub unreachable at once
+    for name in ("HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    data = write_synthetic_data(tmp_path / "data", 40, 8, SIZES, images=4)
+    config = load_config([f"DATA_DIR={data}", f"MODEL_ID={SEVEN_B}", "TARGET_GPU=A10G",
+                          f"ARTIFACTS_DIR={tmp_path / 'out'}"], environ={})
+    run_preflight(config)  # the processor's max_pixels does not fit an A10G here: blocked
+    out = capsys.readouterr().out
+    assert ("resolution against time on A10G (TIME_BUDGET=6h or 30min picks from it): this run "
+            "is MAX_PIXELS=12845056") in out
+    table = [line for line in out.splitlines() if line.startswith("  | 12,845,056 |")]
+    assert len(table) == 1 and table[0].endswith("| this run |")
+    assert "over budget" not in out  # no budget to be over
+    assert "## Resolution against time" in (tmp_path / "out" / "preflight.md").read_text()

@@ -80,6 +80,7 @@ def preflight_report(config: Config, run: RunPlan) -> dict:
         },
         "plan": plan,
         "time": predicted_time(config, run),
+        "resolutions": resolutions(config, run),
         "reasons": words.reasons(plan),
         "inputs": run.inputs,
         "problems": [asdict(p) for p in run.problems],
@@ -114,6 +115,23 @@ def predicted_time(config: Config, run: RunPlan) -> dict:
     return times
 
 
+def resolutions(config: Config, run: RunPlan) -> dict | None:
+    """Without TIME_BUDGET, the trade it would choose from: each candidate MAX_PIXELS planned
+    and timed on the card predicted for (vqa/planning/budget.py); None without a card the
+    table knows or an architecture."""
+    from vqa.planning.budget import trade
+    from vqa.planning.hardware import budget_for, visible_gpus
+    from vqa.planning.timing import card_for
+
+    card = card_for(config, run.machine)
+    if config.time_budget or card is None or run.architecture is None:
+        return None
+    memory = budget_for(config.target_gpu, config.target_gpu_memory, run.machine, config.nproc)
+    tried = trade(config, run.architecture, run.train_shapes, run.test_shapes, run.tokens,
+                  memory, card, gpus_found=len(visible_gpus(run.machine)))
+    return {"card": card[0], "current": run.tokens.max_pixels, "rows": [t[2] for t in tried]}
+
+
 def run_preflight(config: Config) -> int:
     machine = probe_machine(config.artifacts_dir)
     _log_machine(config, machine)
@@ -143,7 +161,7 @@ def run_preflight(config: Config) -> int:
             print(f"  {stage}: {line}")
     for line in time_report(report["time"]):
         print(f"  time: {line}")
-    for line in words.budget_table(report["plan"]):
+    for line in words.budget_table(report["plan"]) or words.resolution_lines(report):
         print(f"  {line}")
     log.info("reports: %s, %s, %s", plan_path, artifacts / "preflight.json",
              artifacts / "preflight.md")

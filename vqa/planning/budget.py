@@ -35,7 +35,8 @@ def candidates(tokens: Tokens, shapes: list[RowShape]) -> list[int]:
     return [tokens.max_pixels, *rungs]
 
 
-def _row(max_pixels: int, work: Workload, plan: Plan, times: dict, budget_s: float) -> dict:
+def _row(max_pixels: int, work: Workload, plan: Plan, times: dict, budget_s: float | None
+         ) -> dict:
     visual = work.train_visual + work.predict_visual
     total = times["train_worst_s"] + times["submit_s"]
     return {"max_pixels": max_pixels,
@@ -46,17 +47,16 @@ def _row(max_pixels: int, work: Workload, plan: Plan, times: dict, budget_s: flo
             "fits_memory": not plan.blocking,
             "epoch_s": times["train_epoch_s"], "train_s": times["train_worst_s"],
             "submit_s": times["submit_s"], "total_s": round(total, 4),
-            "fits_time": total <= budget_s}
+            "fits_time": None if budget_s is None else total <= budget_s}
 
 
-def choose(config: Config, arch: Architecture, train: list[RowShape], test: list[RowShape],
-           tokens: Tokens, budget: Budget | None, card: tuple[str, dict], gpus_found: int = 0
-           ) -> tuple[Plan, Workload]:
-    """The plan and workload at the resolution (and, if need be, the EPOCHS) the budget
-    affords; the plan carries the table of every candidate and what was chosen."""
-    from vqa.planning.timing import hours, predicted_times
+def trade(config: Config, arch: Architecture, train: list[RowShape], test: list[RowShape],
+          tokens: Tokens, budget: Budget | None, card: tuple[str, dict], gpus_found: int = 0
+          ) -> list[tuple[Plan, Workload, dict]]:
+    """Every candidate resolution planned and timed: its plan, workload and table row (whether
+    it fits TIME_BUDGET, when one is set)."""
+    from vqa.planning.timing import predicted_times
 
-    budget_s = config.time_budget_seconds
     shifts = 4 if config.tta == "rotate" else 1
     tried = []
     for max_pixels in candidates(tokens, train + test):
@@ -66,7 +66,20 @@ def choose(config: Config, arch: Architecture, train: list[RowShape], test: list
                                test_rows=len(test))
         times = predicted_times(config, arch, work, plan, card[1], card[0], config.val_sample,
                                 shifts)
-        tried.append((plan, work, _row(max_pixels, work, plan, times, budget_s)))
+        tried.append((plan, work, _row(max_pixels, work, plan, times,
+                                       config.time_budget_seconds)))
+    return tried
+
+
+def choose(config: Config, arch: Architecture, train: list[RowShape], test: list[RowShape],
+           tokens: Tokens, budget: Budget | None, card: tuple[str, dict], gpus_found: int = 0
+           ) -> tuple[Plan, Workload]:
+    """The plan and workload at the resolution (and, if need be, the EPOCHS) the budget
+    affords; the plan carries the table of every candidate and what was chosen."""
+    from vqa.planning.timing import hours
+
+    budget_s = config.time_budget_seconds
+    tried = trade(config, arch, train, test, tokens, budget, card, gpus_found)
     fitting = [t for t in tried if t[2]["fits_memory"]] or tried
     chosen = next((t for t in fitting if t[2]["fits_time"]), None)
     epochs, note, blocking = None, "", ""

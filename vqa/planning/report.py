@@ -153,14 +153,32 @@ def budget_table(plan: dict) -> list[str]:
         return []
     chosen = f"MAX_PIXELS={b['chosen_max_pixels']}" + (f", EPOCHS={b['epochs']}" if b["note"]
                                                        or b["blocking"] else "")
-    lines = [f"TIME_BUDGET={b['budget']} ({hours(b['budget_s'])}) on {b['card']}: {chosen}"
-             + (f" ({b['note']})" if b["note"] else ""),
-             "| MAX_PIXELS | visual tokens median / max | peak GiB train / predict | train, "
+    return [f"TIME_BUDGET={b['budget']} ({hours(b['budget_s'])}) on {b['card']}: {chosen}"
+            + (f" ({b['note']})" if b["note"] else ""),
+            *trade_table(b["rows"], b["chosen_max_pixels"], "chosen")]
+
+
+def resolution_lines(report: dict) -> list[str]:
+    """preflight's trade of resolution against memory and time when no TIME_BUDGET chose."""
+    r = report.get("resolutions")
+    if not r:
+        return []
+    return [f"resolution against time on {r['card']} (TIME_BUDGET=6h or 30min picks from "
+            f"it): this run is MAX_PIXELS={r['current']}",
+            *trade_table(r["rows"], r["current"], "this run")]
+
+
+def trade_table(rows: list[dict], current: int, label: str) -> list[str]:
+    """Resolution against visual tokens, peak memory and hours (budget.trade's rows), the row
+    at MAX_PIXELS=`current` marked `label`, each other one over memory or over the budget."""
+    from vqa.planning.timing import hours
+
+    lines = ["| MAX_PIXELS | visual tokens median / max | peak GiB train / predict | train, "
              "every epoch | submit | total | |", "|---|---|---|---|---|---|---|"]
-    for r in b["rows"]:
-        mark = ("chosen" if r["max_pixels"] == b["chosen_max_pixels"] else
+    for r in rows:
+        mark = (label if r["max_pixels"] == current else
                 "over memory" if not r["fits_memory"] else
-                "over budget" if not r["fits_time"] else "")
+                "over budget" if r["fits_time"] is False else "")
         peaks = " / ".join("-" if g is None else f"{g:.1f}" for g in (r["train_gib"],
                                                                      r["predict_gib"]))
         lines.append(f"| {r['max_pixels']:,} | {r['visual_median']:g} / {r['visual_max']} | "
@@ -262,9 +280,9 @@ def preflight_markdown(report: dict) -> str:
         from vqa.planning.timing import time_lines
 
         lines += [f"- {line}" for line in time_lines(times)]
-    if plan.get("time_budget"):
-        table = budget_table(plan)
-        lines += ["", "## Time budget", "", table[0], "", *table[1:]]
+    table = budget_table(plan) or resolution_lines(report)
+    if table:
+        lines += ["", "## Resolution against time", "", table[0], "", *table[1:]]
     lines += ["", "## Plan", ""]
     if plan["budget"]:
         b = plan["budget"]
