@@ -16,7 +16,8 @@ class SubmissionError(ValueError):
 
 
 def submission_order(test: pd.DataFrame, data_dir: Path) -> list[str]:
-    """The id order: sample_submission.csv's when present (and matching test.csv), else test.csv's."""
+    """The id order: sample_submission.csv's when present (and matching test.csv), else
+    test.csv's."""
     sample_path = Path(data_dir) / "sample_submission.csv"
     test_ids = list(test["id"])
     if not sample_path.is_file():
