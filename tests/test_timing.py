@@ -50,6 +50,11 @@ def test_time_grows_with_rows_tokens_and_epochs_and_shrinks_with_a_faster_card()
                                                        ranks=2) == pytest.approx(score / 2)
 
 
+def test_durations_read_in_hours_minutes_or_seconds():
+    assert [timing.hours(s) for s in (3900, 720, 40, 4.2, 0.0123)] == [
+        "1 h 05 min", "12 min", "40 s", "4.2 s", "0.012 s"]
+
+
 def test_padding_counts_each_batch_at_its_longest_row():
     lengths, visual = [100, 900, 100, 900], [4] * 4
     # prediction orders rows by text length, longest first (vqa.predict.length_order)
