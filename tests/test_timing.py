@@ -137,17 +137,26 @@ def test_the_job_ends_when_the_stage_ends_plus_the_later_stages_at_the_measured_
     assert clock(now + 3 * 86400, now)[:3].isalpha()  # days ahead: the weekday too
 
 
-def test_the_training_bar_shows_the_jobs_end():
+def test_the_training_bar_shows_the_jobs_end(monkeypatch):
     from types import SimpleNamespace
 
+    import vqa.clock
     from vqa.clock import job_clock
 
     shown = []
     bar = SimpleNamespace(set_postfix_str=lambda text, refresh: shown.append(text))
-    callback = job_clock({"train_worst_s": 10.0, "submit_s": 5.0})
+    callback = job_clock({"train_epoch_s": 5.0, "train_worst_s": 15.0, "submit_s": 5.0})
     callback.progress = SimpleNamespace(training_bar=bar)
     state = SimpleNamespace(global_step=3, max_steps=10)  # resumed at step 3
-    callback.on_train_begin(None, state, None)
+    args = SimpleNamespace(num_train_epochs=2)  # not the 3 epochs the plan was made at
+    callback.on_train_begin(args, state, None)
     state.global_step = 5
-    callback.on_step_end(None, state, None)
+    callback.on_step_end(args, state, None)
     assert len(shown) == 1 and shown[0].startswith("train ends ") and ", job ends " in shown[0]
+    # the steps this run made itself, the steps left, and the prediction for the epochs it runs
+    asked = []
+    monkeypatch.setattr(vqa.clock, "postfix", lambda *a: asked.append(a) or "")
+    callback.on_step_end(args, state, None)
+    _, _, done, remaining, whole, predicted = asked[0]
+    assert (done, remaining, whole) == (2, 5, 10)
+    assert predicted["train_worst_s"] == 10.0 and predicted["submit_s"] == 5.0

@@ -60,8 +60,11 @@ def job_clock(predicted: dict | None):
                 return
             # a resumed run counts its pace from the steps it ran itself
             done = state.global_step - self.first_step
+            # the epochs this run trains, which may differ from those the plan was made at
+            own = (dict(predicted, train_worst_s=predicted["train_epoch_s"]
+                        * args.num_train_epochs) if predicted else None)
             text = postfix("train", time.perf_counter() - self.started, done,
-                           state.max_steps - state.global_step, state.max_steps, predicted)
+                           state.max_steps - state.global_step, state.max_steps, own)
             if text:
                 bar.set_postfix_str(text, refresh=False)
 
