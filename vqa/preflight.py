@@ -98,10 +98,9 @@ def predicted_time(config: Config, run: RunPlan) -> dict:
     what preparing a row costs this machine's CPU; why not, when it cannot be predicted."""
     from vqa.planning import timing
 
-    card = timing.card_for(config, run.machine)
-    if card is None:
+    if run.card is None:
         return {"skipped": "no card to predict for: set TARGET_GPU (vqa/planning/gpus.json)"}
-    if run.architecture is None or run.plan.predicted is None:
+    if run.plan.predicted is None:  # made with the plan wherever a card and architecture are
         return {"skipped": "no architecture to predict from (see the warning above)"}
     times = dict(run.plan.predicted)  # made with the plan, at the epochs it runs
     times["train_rows"] = len(run.work.train_lengths)
@@ -120,16 +119,14 @@ def resolutions(config: Config, run: RunPlan) -> dict | None:
     and timed on the card predicted for (vqa/planning/budget.py); None without a card the
     table knows or an architecture."""
     from vqa.planning.budget import trade
-    from vqa.planning.hardware import budget_for, visible_gpus
-    from vqa.planning.timing import card_for
+    from vqa.planning.hardware import visible_gpus
 
-    card = card_for(config, run.machine)
-    if config.time_budget or card is None or run.architecture is None:
+    if config.time_budget or run.card is None or run.architecture is None:
         return None
-    memory = budget_for(config.target_gpu, config.target_gpu_memory, run.machine, config.nproc)
     tried = trade(config, run.architecture, run.train_shapes, run.test_shapes, run.tokens,
-                  memory, card, gpus_found=len(visible_gpus(run.machine)))
-    return {"card": card[0], "current": run.tokens.max_pixels, "rows": [t[2] for t in tried]}
+                  run.budget, run.card, gpus_found=len(visible_gpus(run.machine)))
+    return {"card": run.card[0], "current": run.tokens.max_pixels,
+            "rows": [t[2] for t in tried]}
 
 
 def run_preflight(config: Config) -> int:

@@ -24,11 +24,13 @@ from vqa.data import DataError, read_table
 from vqa.families.base import UnsupportedModel
 from vqa.io import file_fingerprint, write_json_atomic
 from vqa.planning import report
-from vqa.planning.hardware import Machine, budget_for, card_identity, probe_machine, visible_gpus
+from vqa.planning.hardware import (Budget, Machine, budget_for, card_identity, probe_machine,
+                                   visible_gpus)
 from vqa.planning.planner import Plan, make_plan
 from vqa.planning.rows import (RowProblem, RowShape, Tokens, Workload, scan_rows,
                                tokens_from_processor, tokens_from_table)
 from vqa.planning.shapes import Architecture, architecture_for, cached_config
+from vqa.planning.timing import card_for
 
 log = logging.getLogger("vqa")
 
@@ -124,6 +126,8 @@ class RunPlan:
     processor_problem: str | None = None
     architecture: Architecture | None = None  # None when none could be found
     processor: object = None  # the processor the rows were measured with, when it loaded
+    budget: Budget | None = None  # the memory planned for (None: a CPU run)
+    card: tuple[str, dict] | None = None  # the card timed for (timing.card_for), when known
 
     def document(self, made_by: str) -> dict:
         return {"made_by": made_by, "made_at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -148,12 +152,10 @@ def _measure(config: Config, processor=None) -> tuple[Tokens, str | None, object
 
 def _budget_plan(config: Config, machine: Machine, arch: Architecture | None,
                  train_shapes: list[RowShape], test_shapes: list[RowShape], tokens: Tokens,
-                 budget) -> tuple[Plan, Workload]:
+                 budget: Budget | None, card: tuple[str, dict] | None) -> tuple[Plan, Workload]:
     from vqa.config import ConfigError
     from vqa.planning import budget as time_budget
-    from vqa.planning.timing import card_for
 
-    card = card_for(config, machine)
     if card is None or arch is None:
         raise ConfigError(f"TIME_BUDGET={config.time_budget} needs "
                           + ("a card to predict for: set TARGET_GPU (a name in "
@@ -163,15 +165,14 @@ def _budget_plan(config: Config, machine: Machine, arch: Architecture | None,
                               gpus_found=len(visible_gpus(machine)))
 
 
-def _predicted(config: Config, machine: Machine, arch: Architecture | None, work: Workload,
-               plan: Plan) -> dict | None:
-    """The stages' predicted seconds on the card planned for (timing.py), at the epochs the
-    plan runs; None without a card the table knows or an architecture."""
+def _predicted(config: Config, arch: Architecture | None, work: Workload, plan: Plan,
+               card: tuple[str, dict] | None) -> dict | None:
+    """The stages' predicted seconds on `card` (timing.py), at the epochs the plan runs; None
+    without a card the table knows or an architecture."""
     import dataclasses
 
-    from vqa.planning.timing import card_for, predicted_times
+    from vqa.planning.timing import predicted_times
 
-    card = card_for(config, machine)
     if card is None or arch is None:
         return None
     if plan.epochs:
@@ -216,19 +217,20 @@ def make_run_plan(config: Config, machine: Machine | None = None, processor=None
     except ValueError as exc:
         log.warning("%s", exc)
     budget = budget_for(config.target_gpu, config.target_gpu_memory, machine, config.nproc)
+    card = card_for(config, machine)
     # Prediction sees test.csv's rows, and train.csv's in make eval's validation sample.
     if config.time_budget:
         plan, work = _budget_plan(config, machine, arch, train_shapes, test_shapes, tokens,
-                                  budget)
+                                  budget, card)
     else:
         plan, work = make_plan(config, budget, arch, train_shapes, test_shapes + train_shapes,
                                tokens, gpus_found=len(visible_gpus(machine)),
                                test_rows=len(test_shapes))
-    plan.predicted = _predicted(config, machine, arch, work, plan)
+    plan.predicted = _predicted(config, arch, work, plan, card)
     return RunPlan(plan, plan_inputs(config, machine, tables), machine, tokens, source, work,
                    tables, train_shapes, test_shapes,
                    [p for _, problems in scanned.values() for p in problems], processor_problem,
-                   arch, processor)
+                   arch, processor, budget, card)
 
 
 def save_plan(config: Config, run: RunPlan, made_by: str) -> Path:
