@@ -137,6 +137,19 @@ def test_the_job_ends_when_the_stage_ends_plus_the_later_stages_at_the_measured_
     assert clock(now + 3 * 86400, now)[:3].isalpha()  # days ahead: the weekday too
 
 
+def test_a_prediction_bar_shows_when_its_rows_will_be_done(monkeypatch):
+    from types import SimpleNamespace
+
+    import vqa.clock
+    from vqa.clock import bar_postfix, clock
+
+    monkeypatch.setattr(vqa.clock.time, "time", lambda: 1_800_000_000.0)
+    # 5 of 10 rows in 10 s: 10 s to go
+    bar = SimpleNamespace(n=5, total=10, format_dict={"elapsed": 10.0})
+    assert bar_postfix(bar) == f"ends {clock(1_800_000_010.0, 1_800_000_000.0)}"
+    assert bar_postfix(SimpleNamespace(n=0, total=10, format_dict={"elapsed": 0.0})) == ""
+
+
 def test_the_training_bar_shows_the_jobs_end(monkeypatch):
     from types import SimpleNamespace
 

@@ -21,6 +21,11 @@ def clock(at: float, now: float) -> str:
     return time.strftime("%H:%M" if at - now < 86400 else "%a %H:%M", local)
 
 
+def ends_at(elapsed: float, done: float, remaining: float, now: float) -> float:
+    """When `remaining` units will be done at the pace of `done` in `elapsed` seconds."""
+    return now + elapsed / done * max(0.0, remaining)
+
+
 def postfix(stage: str, elapsed: float, done: float, remaining: float, whole: float,
             predicted: dict | None, now: float | None = None) -> str:
     """`train ends 14:05, job ends 14:40` after `done` units in `elapsed` seconds with
@@ -30,7 +35,7 @@ def postfix(stage: str, elapsed: float, done: float, remaining: float, whole: fl
         return ""
     now = time.time() if now is None else now
     pace = elapsed / done
-    stage_end = now + pace * max(0.0, remaining)
+    stage_end = ends_at(elapsed, done, remaining, now)
     text = f"{stage} ends {clock(stage_end, now)}"
     later = [predicted.get(k) for k in LATER[stage]] if predicted else []
     own = (predicted or {}).get(STAGE[stage])
@@ -38,6 +43,14 @@ def postfix(stage: str, elapsed: float, done: float, remaining: float, whole: fl
         ratio = pace * whole / own  # measured over predicted, for this stage
         text += f", job ends {clock(stage_end + ratio * sum(later), now)}"
     return text
+
+
+def bar_postfix(bar) -> str:
+    """`ends 14:05` for a tqdm bar: when its rows will be done at its pace so far."""
+    if not bar.n or not bar.total:
+        return ""
+    now = time.time()
+    return f"ends {clock(ends_at(bar.format_dict['elapsed'], bar.n, bar.total - bar.n, now), now)}"
 
 
 def job_clock(predicted: dict | None):

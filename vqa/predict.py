@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from vqa.clock import bar_postfix
 from vqa.data import LETTERS, VQACollator, letter_token_ids
 from vqa.oom import FaultInjector, free_memory, split_batch
 from vqa.speed import RopeIndex, inner_model, letter_columns
@@ -190,23 +191,12 @@ def predict_rows(model, processor, rows: list[dict], data_dir: Path, *, batch_si
                 if _FAULT_SLEEP:  # fault injection for tests: a slow batch leaves time to kill
                     time.sleep(_FAULT_SLEEP)
                 bar.update(len(chunk))
-                bar.set_postfix_str(stage_end(bar), refresh=False)
+                bar.set_postfix_str(bar_postfix(bar), refresh=False)
                 start += len(chunk)
     missing = [r["id"] for batch in mine for r in batch if r["id"] not in result.answers]
     if missing:  # a bug, never a data problem
         raise RuntimeError(f"{len(missing)} row(s) left unanswered, first {missing[0]}")
     return result
-
-
-def stage_end(bar) -> str:
-    """`ends 14:05`: the clock time the bar's rows will be done at its pace so far."""
-    from vqa.clock import clock
-
-    done, total, elapsed = bar.n, bar.total or 0, bar.format_dict["elapsed"]
-    if not done or not total:
-        return ""
-    now = time.time()
-    return f"ends {clock(now + elapsed / done * (total - done), now)}"
 
 
 class _Prepare:
