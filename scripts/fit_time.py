@@ -79,8 +79,13 @@ def solve(rows: list[dict]) -> tuple[float, float]:
 
 
 def predicted(row: dict, factors: tuple[float, float]) -> float:
-    (flops, elements), left = _terms(row)
-    return row["measured_s"] - left + flops / factors[0] + elements * factors[1]
+    """The row's time at `factors`, by the product's own time model, with its CPU seconds."""
+    from vqa.planning import timing
+    from vqa.planning.hardware import gpu_table
+
+    c = row["cost"]
+    cost = timing.Cost(c["flops"], c["elements"], c["weight_bytes"], c["decode_steps"])
+    return timing.seconds(cost, gpu_table()[row["card"]], row["kind"], factors) + c["cpu_s"]
 
 
 def main() -> int:

@@ -112,11 +112,14 @@ class Cost:
                     self.decode_steps)
 
 
-def seconds(cost: Cost, card: dict, kind: str) -> float:
-    """The card's time for `cost` done as `kind` of work (train or score)."""
+def seconds(cost: Cost, card: dict, kind: str,
+            factors: tuple[float, float] | None = None) -> float:
+    """The card's time for `cost` done as `kind` of work (train or score), at the measured
+    EFFICIENCY and ELEMENT_BYTES, or at `factors` (a fit's candidates: scripts/fit_time.py)."""
     rate, bandwidth, _ = card_rates(card)
-    return (cost.flops / (rate * EFFICIENCY[kind])
-            + (cost.elements * ELEMENT_BYTES[kind] + cost.weight_bytes) / bandwidth
+    efficiency, element_bytes = factors or (EFFICIENCY[kind], ELEMENT_BYTES[kind])
+    return (cost.flops / (rate * efficiency)
+            + (cost.elements * element_bytes + cost.weight_bytes) / bandwidth
             + cost.decode_steps * GENERATE_STEP_SECONDS)
 
 
@@ -169,8 +172,8 @@ def train_epoch_seconds(arch: Architecture, lengths: list[int], visual: list[int
 def predict_cost(arch: Architecture, lengths: list[int], visual: list[int], batch: int, *,
                  mode: str = "score", max_new_tokens: int = 16, quant: str = "4bit",
                  windowed: bool = True) -> Cost:
-    """Prediction of the rows (in file order) at `batch`: scoring, or generation's prefill and
-    its decoding steps."""
+    """Prediction of the rows (by text length, as `batches` orders them) at `batch`: scoring, or
+    generation's prefill and its decoding steps."""
     weights = arch.linear_params * DEQUANT_BYTES[quant]
     cost = Cost()
     for padded, images in batches(lengths, visual, batch, None):
