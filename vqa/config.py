@@ -235,7 +235,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"FOLD={config.fold}: needs FOLDS=K and must lie in 0..K-1")
     try:
         target_card(config.target_gpu, config.target_gpu_memory)
-        config.time_budget_seconds
+        if config.time_budget:
+            parse_duration(config.time_budget)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if config.time_budget and config.max_pixels:
