@@ -232,13 +232,15 @@ def build_trainer(config: Config, plan: Plan, model, processor, train_rows: list
     preprocess, compute_metrics = letter_metrics(letter_token_ids(processor.tokenizer))
     train_dataset = RowDataset(train_rows, config.seed if config.shuffle_options else None)
     callbacks = [step_timer(), epoch_to_dataset(train_dataset)]
+    clock = None
     if max_steps is None:
         callbacks.append(EarlyStoppingCallback(
             early_stopping_patience=config.early_stopping_patience))
         if distributed.world().is_main:  # `tensorboard --logdir ARTIFACTS_DIR/runs`
             callbacks.append(tensorboard_callback(
                 config.artifacts_dir / "runs" / time.strftime("train-%Y%m%d-%H%M%S")))
-            callbacks.append(job_clock(plan.predicted))
+            clock = job_clock(plan.predicted)
+            callbacks.append(clock)
     trainer = backoff_trainer_class()(
         model=model,
         args=training_arguments(config, micro, accumulation, steps_per_epoch, output_dir,
@@ -253,13 +255,11 @@ def build_trainer(config: Config, plan: Plan, model, processor, train_rows: list
         remedy=(f"lower MAX_PIXELS (now {config.max_pixels or 'the processor default'}; each "
                 f"halving halves the image tokens) or use a card with more memory"),
     )
-    from transformers.trainer_callback import ProgressCallback
+    if clock is not None:  # the bar it writes on is the Trainer's own
+        from transformers.trainer_callback import ProgressCallback
 
-    progress = next((c for c in trainer.callback_handler.callbacks
-                     if isinstance(c, ProgressCallback)), None)
-    for c in trainer.callback_handler.callbacks:
-        if type(c).__name__ == "JobClock":
-            c.progress = progress
+        clock.progress = next((c for c in trainer.callback_handler.callbacks
+                               if isinstance(c, ProgressCallback)), None)
     return trainer
 
 
