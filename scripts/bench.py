@@ -21,12 +21,15 @@ Korean-length question, four options) at each image size of BENCH_IMAGES:
            side alone, and one lever at a time. Then vqa's own: the model as `make submit`
            loads it (vqa.model.load_for_inference, an untrained adapter) and its prediction
            function (vqa.predict.predict_rows) at the plan's PRED_BATCH_SIZE; at the largest
-           batch the planner predicts to stay within the reference's measured peak; and
-           INFER_MODE=generate.
+           batch within the reference's measured peak (from the largest down, the first whose
+           measured peak stays at or below it; a batch the peak model puts above it even
+           within the plan's margin is skipped, with a line saying so); and
+           INFER_MODE=generate. BENCH_LEVERS=0 leaves out the one-lever-at-a-time rows (of
+           prediction and training), once a family's levers are measured.
   rotate   the same model and batch on the same rows with TTA=rotate (each row asked under
            its 4 option shifts, as make submit TTA=rotate asks them) against TTA=none: time per
            test row, and the ratio.
-  train    also vqa at the largest micro-batch predicted within the reference's peak.
+  train    also vqa at the largest micro-batch within the reference's peak (the same descent).
   time     (not in the default list) the time model (vqa/planning/timing.py) against the
            measurement: make train's Trainer at its plan, make submit's scoring at its plan,
            on each image setting (BENCH_IMAGES=448x448,1024x768,mixed); predicted and measured
@@ -354,6 +357,22 @@ def train_row(bench: Bench, case: Case, setup: str, micro: int, result: dict, **
                         visual_tokens=case.visual, x_floor=distance, **result, **extra)
 
 
+def surely_over(case: Case, work: str, batch: int, predicted: float, limit_gib: float) -> bool:
+    """Whether a batch's predicted peak reserved (bytes) is so far above `limit_gib` that the
+    peak model's calibrated error (the plan's margin) cannot bring it under: the same-memory
+    descent skips it, and says so, instead of spending a measured run on it."""
+    from vqa.planning.hardware import GIB
+    from vqa.planning.planner import margin_for
+
+    low = predicted * (1 - margin_for(case.arch)) / GIB
+    if low <= limit_gib:
+        return False
+    print(f"{work} {case.name} batch {batch}: skipped, predicted {predicted / GIB:.2f} GiB "
+          f"reserved, at least {low:.2f} within the peak model's margin, above the "
+          f"reference's {limit_gib} GiB", flush=True)
+    return True
+
+
 def _speedup(row: dict | None, reference: dict, key: str = "samples_per_s") -> None:
     if row and row.get(key) and reference.get(key):
         ratio = (row[key] / reference[key] if key == "samples_per_s"
@@ -361,30 +380,14 @@ def _speedup(row: dict | None, reference: dict, key: str = "samples_per_s") -> N
         row["speedup"] = round(ratio, 2)
 
 
-def bench_train(bench: Bench, cases: list[Case]) -> None:
-    import dataclasses
-
+def train_levers(bench: Bench, case: Case, model) -> None:
+    """One lever at a time on the reference's model (peft's) and micro-batch, each added to the
+    model before it; then the planner's micro-batch, and vqa's allocator setting."""
     import torch
 
-    from vqa.model import keep_layer_activations
-    from vqa.planning.planner import gradient_accumulation
     from vqa.speed import answer_loss, use_grouped_vision_attention
 
-    first = cases[0]
-    effective = first.config.effective_batch_size
-    references = {}
-    bench.allocator(expandable=False)  # the reference runs with PyTorch's default allocator
-    model = reference_model(first.config)
-    start = Adapter(model)
-    for case in cases:
-        start.restore(model)
-        references[case.name] = train_row(bench, case, "reference", REFERENCE_TRAIN_BATCH, attempt(
-            bench, lambda: trained(bench, reference_trainer(bench, case, model), effective)))
-        bench.curves[f"{case.arch.name.split('/')[-1]} {case.name} reference"] = \
-            references[case.name].get("losses", [])
-    # One lever at a time on the reference's model and micro-batch, first image size.
     base = model.base_model.model
-    case = first
 
     def lever(setup, loss_fn, micro=REFERENCE_TRAIN_BATCH):
         train_row(bench, case, setup, micro, attempt(bench, lambda: micro_steps(
@@ -405,8 +408,32 @@ def bench_train(bench: Bench, cases: list[Case]) -> None:
           case.plan.per_device_batch)
     bench.allocator(expandable=True)  # vqa's setting (vqa/__init__.py)
     lever("+ expandable allocator segments", answer_loss, case.plan.per_device_batch)
-    del model, base, start
+
+
+def bench_train(bench: Bench, cases: list[Case]) -> None:
+    import dataclasses
+
+    from vqa.model import keep_layer_activations
+    from vqa.planning.planner import gradient_accumulation, train_estimate
+    from vqa.speed import answer_loss
+
+    first = cases[0]
+    effective = first.config.effective_batch_size
+    references = {}
+    bench.allocator(expandable=False)  # the reference runs with PyTorch's default allocator
+    model = reference_model(first.config)
+    start = Adapter(model)
+    for case in cases:
+        start.restore(model)
+        references[case.name] = train_row(bench, case, "reference", REFERENCE_TRAIN_BATCH, attempt(
+            bench, lambda: trained(bench, reference_trainer(bench, case, model), effective)))
+        bench.curves[f"{case.arch.name.split('/')[-1]} {case.name} reference"] = \
+            references[case.name].get("losses", [])
+    if bench.settings.bench_levers:
+        train_levers(bench, first, model)
+    del model, start
     free(bench)
+    bench.allocator(expandable=True)  # vqa's setting (vqa/__init__.py), the levers' last
 
     model = ours_model(first.config)
     start = Adapter(model)
@@ -428,6 +455,9 @@ def bench_train(bench: Bench, cases: list[Case]) -> None:
         if limit and (ours.get("peak_reserved_gib") or limit + 1) <= limit:
             limit = None  # vqa's own run is within it already
         for candidate in [b for b in (8, 4, 2, 1) if b < plan.per_device_batch] if limit else []:
+            if surely_over(case, "train", candidate, train_estimate(
+                    case.config, case.arch, case.work, candidate).reserved, limit):
+                continue
             smaller = dataclasses.replace(
                 plan, per_device_batch=candidate, uncheckpointed_layers=0,
                 uncheckpointed_attention=0,
@@ -513,15 +543,42 @@ def predict_row(bench: Bench, case: Case, setup: str, batch: int, result: dict) 
                         x_floor=distance, **result)
 
 
+def predict_levers(bench: Bench, first: Case, base, model, lever_row) -> None:
+    """The prediction levers one at a time, first image size, at the planner's batch, each
+    added to the model before it (`model` is the reference's peft model around `base`)."""
+    from vqa import predict
+    from vqa.data import letter_token_ids
+    from vqa.model import adapter_in_compute_dtype
+    from vqa.speed import (chunk_vision_tower, fuse_inference_linears, fuse_inference_mlps,
+                           letters_only_head, use_grouped_vision_attention)
+
+    batch = first.plan.pred_batch_size
+    predict_row(bench, first, "preparation alone (images + processor, one process)", batch,
+                timed_preparation(first, batch))
+    predict.ROPE_ON_CPU = False
+    lever_row(first, "score, stock vision attention, prepared in-process", batch)
+    use_grouped_vision_attention(base)
+    lever_row(first, "+ grouped vision attention", batch)
+    adapter_in_compute_dtype(model)  # as vqa.model.load_for_inference does
+    lever_row(first, "+ LoRA weights in bf16", batch)
+    fuse_inference_mlps(model)
+    fuse_inference_linears(model)
+    chunk_vision_tower(model)
+    lever_row(first, "+ LoRA merged on the fly, MLPs in chunks of tokens", batch)
+    predict.ROPE_ON_CPU = True
+    lever_row(first, "+ rope positions with the batch on the CPU", batch)
+    letters_only_head(model, letter_token_ids(first.processor.tokenizer))
+    free(bench)
+    lever_row(first, "+ output layer cut to the four letters", batch)
+    predict.ROPE_ON_CPU = True  # the product's setting, whatever the levers left
+
+
 def bench_predict(bench: Bench, cases: list[Case]) -> None:
     from peft import get_peft_model
 
-    from vqa import predict
-    from vqa.data import letter_token_ids
-    from vqa.model import adapter_in_compute_dtype, load_for_inference, prepare_for_inference
+    from vqa.model import load_for_inference, prepare_for_inference
+    from vqa.planning.planner import infer_estimate
     from vqa.predict import predict_rows
-    from vqa.speed import (chunk_vision_tower, fuse_inference_linears, fuse_inference_mlps,
-                           letters_only_head, use_grouped_vision_attention)
 
     # An untrained adapter on the base, as `make submit` loads a trained one (unmerged).
     bench.allocator(expandable=False)  # the reference runs with PyTorch's default allocator
@@ -555,26 +612,9 @@ def bench_predict(bench: Bench, cases: list[Case]) -> None:
         references[case.name] = predict_row(
             bench, case, "reference: generate, stock vision attention", REFERENCE_GENERATE_BATCH,
             timed_predict(bench, generate(case, rows), len(rows)))
-    # The levers one by one, first image size, at the planner's batch.
-    batch = first.plan.pred_batch_size
     bench.allocator(expandable=True)  # vqa's setting (vqa/__init__.py)
-    predict_row(bench, first, "preparation alone (images + processor, one process)", batch,
-                timed_preparation(first, batch))
-    predict.ROPE_ON_CPU = False
-    lever_row(first, "score, stock vision attention, prepared in-process", batch)
-    use_grouped_vision_attention(base)
-    lever_row(first, "+ grouped vision attention", batch)
-    adapter_in_compute_dtype(model)  # as vqa.model.load_for_inference does
-    lever_row(first, "+ LoRA weights in bf16", batch)
-    fuse_inference_mlps(model)
-    fuse_inference_linears(model)
-    chunk_vision_tower(model)
-    lever_row(first, "+ LoRA merged on the fly, MLPs in chunks of tokens", batch)
-    predict.ROPE_ON_CPU = True
-    lever_row(first, "+ rope positions with the batch on the CPU", batch)
-    letters_only_head(model, letter_token_ids(first.processor.tokenizer))
-    free(bench)
-    lever_row(first, "+ output layer cut to the four letters", batch)
+    if bench.settings.bench_levers:
+        predict_levers(bench, first, base, model, lever_row)
     model = reference = base = None  # the closures above read `model`: rebound below
     free(bench)
 
@@ -599,6 +639,9 @@ def bench_predict(bench: Bench, cases: list[Case]) -> None:
         if limit and (mine.get("peak_reserved_gib") or limit + 1) <= limit:
             limit = None  # vqa's own run is within it already
         for candidate in [b for b in SAME_MEMORY_BATCHES if b < batch] if limit else []:
+            if surely_over(case, "score", candidate, infer_estimate(
+                    case.config, case.arch, case.work, candidate).reserved, limit):
+                continue
             row = predict_row(bench, case, "vqa: score, largest batch within the reference's "
                               "peak memory", candidate, timed_predict(
                                   bench, ours(case, "score", candidate, case.test),

@@ -1,6 +1,7 @@
 """The benchmarks on CPU (`--dry-run` with the tiny model): every phase runs through the product's
 own training step and prediction, nothing is measured; their settings come from the one config."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,8 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_bench_memory():
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "scripts" /
                                                   "bench_memory.py")
     module = importlib.util.module_from_spec(spec)
@@ -61,6 +60,40 @@ def test_bench_runs_every_phase_on_cpu(tiny_model_dir, tmp_path):
     assert (out / "loss_curves.png").stat().st_size > 1000
     assert "aten::" in (out / "profile_train.txt").read_text()
     assert "| vqa (make train) |" in (out / "bench.md").read_text()
+
+
+def test_bench_levers_0_leaves_out_the_one_lever_rows_and_keeps_vqa_s(tiny_model_dir, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "scripts/bench.py", "--dry-run", "--model-dir",
+                           str(tiny_model_dir), f"ARTIFACTS_DIR={tmp_path / 'out'}",
+                           f"BENCH_SCRATCH={tmp_path / 'scratch'}", "BENCH_LEVERS=0",
+                           "BENCH_WORK=predict,train"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "bench" / "bench.json").read_text())["results"]
+    setups = {(r["work"], r["setup"]) for r in rows}
+    assert {("train", "reference"), ("train", "vqa (make train)"),
+            ("predict", "reference: generate, stock vision attention"),
+            ("predict", "vqa: score (make submit)"), ("predict", "vqa: INFER_MODE=generate")} \
+        == setups  # no "+ ..." lever row, no preparation-alone row
+
+
+def test_the_same_memory_descent_skips_only_batches_the_margin_cannot_bring_under():
+    from types import SimpleNamespace
+
+    from vqa.planning.hardware import GIB
+    from vqa.planning.planner import margin_for
+    from vqa.planning.shapes import architecture_for
+
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    arch, _ = architecture_for("Qwen/Qwen3-VL-8B-Instruct")
+    case = SimpleNamespace(arch=arch, name="1024x768")
+    low = 1 - margin_for(arch)  # 0.88 for Qwen3-VL
+    assert bench.surely_over(case, "score", 32, 10 * GIB, limit_gib=10 * low - 0.01)
+    assert not bench.surely_over(case, "score", 32, 10 * GIB, limit_gib=10 * low + 0.01)
+    assert not bench.surely_over(case, "train", 8, 10 * GIB, limit_gib=10.5)
 
 
 def test_time_rows_record_their_cost_and_fit_time_refits_the_factors_on_them(tiny_model_dir,

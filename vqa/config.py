@@ -309,6 +309,7 @@ class BenchConfig:
     bench_other_casts: int = 0  # bench: 1 = also train with the other FP32_CASTS choice
     bench_uncheckpointed: str = ""  # bench-memory: e.g. 0,7,0+14 (layers kept + blocks)
     bench_step_times: int = 1  # bench-memory: 0 = do not time the planned training step
+    bench_levers: int = 1  # bench: 0 = skip the rows that add one lever at a time
     bench_cap: str = ""  # emulate a card of this size, e.g. 24GiB (make bench CAP=24GiB)
     bench_scratch: Path | None = None  # built models and synthetic data
     bench_model: str = "Qwen/Qwen2.5-VL-3B-Instruct"  # bench-gpus
