@@ -44,6 +44,10 @@ TRAIN_KEPT_ATTENTION_SCALE = 0.97
 # tower's phase: the patch scale; the language model's: the token and score terms), then the
 # reserve ratios that keep the largest reserved error smallest (calibration.csv).
 INFER_TOKEN_SCALE = 6.1  # x the bf16 hidden state, per prompt token (residual, attention)
+# x the bf16 attention width (heads x head_dim), per prompt token: the query, the attention's
+# output and their rope'd copies are that wide, not hidden-wide. Qwen2/2.5-VL's widths are equal
+# (INFER_TOKEN_SCALE holds them); Qwen3-VL-4B's is 4,096 against a hidden 2,560.
+INFER_ATTENTION_WIDTH_SCALE = 0.0
 INFER_BYTES_PER_SCORE = 0.21  # per batch x heads x length^2: the padding mask and scores
 INFER_PATCH_SCALE = 17.3  # x the vision tower's bf16 hidden state, per patch of one chunk
 VISION_RESERVED_RATIO = 1.14  # reserve over the transient (non-weight) part, vision phase
@@ -207,7 +211,9 @@ def infer_phases(arch: Architecture, *, batch: int, tokens: int, vision_patches:
     language = {
         # the fused MLP's dense gate, up and down, and one more while the next is made
         "dense MLP weights": 4 * arch.hidden * arch.intermediate * 2,
-        "decoder activations": tokens * c["INFER_TOKEN_SCALE"] * 2 * arch.hidden,
+        "decoder activations": tokens * 2 * (c["INFER_TOKEN_SCALE"] * arch.hidden
+                                             + c["INFER_ATTENTION_WIDTH_SCALE"] * arch.heads
+                                             * arch.head_dim),
         "visual tokens' extra activations": batch_patches / arch.merge ** 2
         * c["INFER_VISUAL_TOKEN_SCALE"] * 2 * arch.hidden,
         # SDPA's masked kernel under left padding: one layer's scores, batch x heads x L x L
