@@ -44,7 +44,11 @@ help: ## list targets and settings
 	@echo "  (vqa/config.py: BenchConfig)"
 
 # --no-deps: exactly the lock, nothing resolved on the side; pip check proves it is complete.
+# A new .venv takes about 6.3 GiB (torch's CUDA libraries): say so before pip runs out of disk.
+VENV_GIB := 7
 $(STAMP): requirements.lock
+	test -x $(PY) || $(PYTHON_BASE) -c 'import os, shutil, sys; free = shutil.disk_usage(os.path.dirname(os.path.abspath("$(VENV)"))).free / 2**30; \
+		sys.exit(f"setup: {free:.1f} GiB free on this disk, and a new $(VENV) needs about $(VENV_GIB) GiB: free some space first") if free < $(VENV_GIB) else None'
 	test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
 	$(PY) -m pip check

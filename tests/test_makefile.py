@@ -30,3 +30,12 @@ def test_environment_settings_reach_the_script(tmp_path):
     done = _make("submit", env={"INFER_MODE": "beam", "ARTIFACTS_DIR": str(tmp_path)})
     assert done.returncode != 0
     assert "vqa submit: error: INFER_MODE='beam': must be one of score, generate" in done.stderr
+
+
+def test_setup_says_in_one_line_when_the_disk_cannot_hold_a_new_venv(tmp_path):
+    venv = tmp_path / "venv"
+    done = _make("setup", f"VENV={venv}", "VENV_GIB=100000000")
+    assert done.returncode != 0
+    said = [line for line in done.stderr.splitlines() if line.startswith("setup:")]
+    assert len(said) == 1 and "GiB free on this disk" in said[0] and "100000000 GiB" in said[0]
+    assert not venv.exists()  # stopped before making it
