@@ -726,7 +726,8 @@ def bench_time(bench: Bench, cases: list[Case], parts: tuple[str, ...] = ("train
     from vqa.planning.hardware import gpu_table
     from vqa.predict import predict_rows
 
-    known = timing.card_named(torch.cuda.get_device_name(0)) if bench.cuda else None
+    known = timing.card_named(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(
+        0).total_memory) if bench.cuda else None
     card_name, card = known or (timing.H200, gpu_table()[timing.H200])
     first = cases[0]
     windowed = family_for(first.arch.family).windowed_vision

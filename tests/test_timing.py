@@ -173,3 +173,18 @@ def test_the_training_bar_shows_the_jobs_end(monkeypatch):
     _, _, done, remaining, whole, predicted = asked[0]
     assert (done, remaining, whole) == (2, 5, 10)
     assert predicted["train_worst_s"] == 10.0 and predicted["submit_s"] == 5.0
+
+
+@pytest.mark.parametrize("name, total_gib, expected", [
+    ("NVIDIA A100-SXM4-80GB", None, "A100-80GB"), ("NVIDIA A100-SXM4-40GB", None, "A100-40GB"),
+    ("NVIDIA A100 80GB PCIe", None, "A100-80GB"), ("NVIDIA A100-PCIE", 80, "A100-80GB"),
+    ("NVIDIA A100-PCIE", 40, "A100-40GB"), ("NVIDIA H100 80GB HBM3", None, "H100-80GB"),
+    ("NVIDIA H200", 141, "H200"), ("NVIDIA A10G", 22, "A10G"), ("NVIDIA L4", None, "L4"),
+    ("Tesla T4", None, "T4"), ("NVIDIA GeForce RTX 3090", None, "RTX3090"),
+    ("NVIDIA L40S", 45, None), ("NVIDIA A10", 24, None), ("NVIDIA B200", None, None),
+    ("A100-80GB", None, "A100-80GB")])  # TARGET_GPU's own keys name themselves
+def test_a_card_is_found_by_its_nvml_name_and_memory(name, total_gib, expected):
+    from vqa.planning.timing import card_named
+
+    found = card_named(name, total_gib and total_gib * 2**30)
+    assert (found and found[0]) == expected

@@ -236,17 +236,29 @@ def hours(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.2g} s"
 
 
-def card_named(name: str) -> tuple[str, dict] | None:
-    """The table's entry for a card by the name NVML gives it ("NVIDIA H200" is H200), the
-    longest key first (H100-80GB before H100); None for a card the table does not know."""
+def card_named(name: str, total_bytes: int | None = None) -> tuple[str, dict] | None:
+    """The table's entry for a card by the name NVML gives it ("NVIDIA H200" is H200, "NVIDIA
+    GeForce RTX 3090" RTX3090); None for a card the table does not know ("NVIDIA L40S" is not
+    an L4). Where one name has entries of several memory sizes (A100 40GB and 80GB: the same
+    matrix rate, 1,555 against 2,039 GB/s), the size in the name decides ("NVIDIA
+    A100-SXM4-80GB"), else the entry nearest the card's `total_bytes`."""
+    import re
+
     from vqa.planning.hardware import gpu_table
 
     table = gpu_table()
-    name = name.upper().replace(" ", "")
-    for key in sorted(table, key=len, reverse=True):
-        if key.split("-")[0].upper() in name:
-            return key, table[key]
-    return None
+    words = [w for w in re.split(r"[\s_-]+", name.upper()) if w]
+    words += [a + b for a, b in zip(words, words[1:])]  # "RTX 3090" is RTX3090
+    matches = [key for key in table if key.split("-")[0].upper() in words]
+    if not matches:
+        return None
+    sized = [key for key in matches if "-" in key and key.split("-", 1)[1].upper() in words]
+    if sized:
+        matches = sized
+    elif total_bytes and len(matches) > 1:
+        matches = [min(matches, key=lambda k: abs(table[k]["memory_mib"] * 2**20 - total_bytes))]
+    key = matches[0]
+    return key, table[key]
 
 
 def card_for(config, machine) -> tuple[str, dict] | None:
@@ -256,7 +268,7 @@ def card_for(config, machine) -> tuple[str, dict] | None:
 
     if config.target_gpu:
         return config.target_gpu, gpu_table()[config.target_gpu]
-    found = (card_named(gpu.name) for gpu in getattr(machine, "gpus", None) or [])
+    found = (card_named(gpu.name, gpu.total_bytes) for gpu in getattr(machine, "gpus", None) or [])
     return next((card for card in found if card), None)
 
 
