@@ -136,18 +136,14 @@ def measure_matmul_tflops() -> float:
 
 
 def forward_flops(arch, length: int, visual_tokens: int, logit_positions: int) -> float:
-    """Matrix FLOPs of one row's forward: language model over `length` tokens, lm_head at
-    `logit_positions`, vision tower over 4 patches per visual token (attention included)."""
-    h, kv = arch.hidden, arch.kv_heads * (arch.hidden // arch.heads)
-    lm = arch.layers * (2 * h * h + 2 * h * kv + 3 * h * arch.intermediate)
-    vh, vi = arch.vision_hidden, arch.vision_intermediate
-    m = vh * arch.merge ** 2
-    patches = 4 * visual_tokens
-    vision = arch.vision_depth * (4 * vh * vh + 3 * vh * vi)
-    attention = 4 * arch.layers * length * length * h + 4 * arch.vision_depth * patches * 64 * vh
-    return (2 * lm * length + 2 * h * arch.vocab * logit_positions
-            + 2 * vision * patches + 2 * (m * m + m * arch.vision_out) * visual_tokens
-            + attention)
+    """Matrix FLOPs of one row's forward, as the time model counts them (vqa.planning.timing:
+    the language model, lm_head at `logit_positions`, the vision tower with the family's own
+    attention: windows or whole images)."""
+    from vqa.families import family_for
+    from vqa.planning.timing import forward_flops as counted
+
+    return counted(arch, length, visual_tokens, logit_positions,
+                   windowed=family_for(arch.family).windowed_vision)
 
 
 # ---------------------------------------------------------------------------------------------
