@@ -148,3 +148,27 @@ def test_collator_labels_only_the_answer_letter_and_end(small_data, tiny_model_d
     blank = VQACollator(processor, small_data, train=True, blank_images=True)(rows)
     assert torch.equal(blank["input_ids"], ids)
     assert not torch.equal(blank["pixel_values"], batch["pixel_values"])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("id,answer\nT1,a\nT1,b\n", "row 3: duplicate id 'T1'"),
+    ("id,answer\nT1,a\nT2,e\n", "row 3 (id 'T2'): answer 'e' is not one of a, b, c, d"),
+    ("id,letter\nT1,a\n", "missing column(s) answer; found id, letter"),
+])
+def test_a_bad_answer_key_is_one_line_naming_the_file_and_row(tmp_path, text, message):
+    from vqa.data import DataError, read_answer_key
+
+    (tmp_path / "test_answers.csv").write_text(text)
+    with pytest.raises(DataError) as caught:
+        read_answer_key(tmp_path)
+    assert str(caught.value) == f"{tmp_path / 'test_answers.csv'}: {message}"
+
+
+def test_the_answer_key_is_optional_and_read_like_train_csv_s_answers(tmp_path):
+    from vqa.data import read_answer_key
+
+    assert read_answer_key(tmp_path) is None  # a competition's data has no key
+    (tmp_path / "test_answers.csv").write_text("id,answer,family\n T1 , B ,color\nT2,c,shape\n")
+    key = read_answer_key(tmp_path)
+    assert key.to_dict("records") == [{"id": "T1", "answer": "b", "family": "color"},
+                                      {"id": "T2", "answer": "c", "family": "shape"}]

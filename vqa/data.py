@@ -93,6 +93,37 @@ def read_table(path: Path, *, with_answer: bool) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+ANSWER_KEY = "test_answers.csv"  # id, answer[, family]: the embedded default's test answers
+
+
+def read_answer_key(data_dir: Path) -> pd.DataFrame | None:
+    """DATA_DIR's test answer key (id, answer, and optionally family), validated like train.csv's
+    answers; None when there is none (a competition's data has none)."""
+    path = Path(data_dir) / ANSWER_KEY
+    if not path.is_file():
+        return None
+    try:
+        key = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=csv_encoding(path))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DataError(f"{path}: cannot parse CSV ({str(exc).splitlines()[0]})") from None
+    key.columns = [str(c).strip() for c in key.columns]
+    missing = [c for c in ("id", "answer") if c not in key.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
+                        f"found {', '.join(key.columns)}")
+    key["id"] = key["id"].str.strip()
+    key["answer"] = key["answer"].str.strip().str.lower()
+    duplicated = key["id"][key["id"].duplicated()]
+    if not duplicated.empty:
+        raise DataError(f"{path}: row {int(duplicated.index[0]) + 2}: duplicate id "
+                        f"{duplicated.iloc[0]!r}")
+    bad = key.index[~key["answer"].isin(LETTERS)]
+    if len(bad):
+        raise DataError(f"{path}: row {int(bad[0]) + 2} (id {key.at[bad[0], 'id']!r}): "
+                        f"answer {key.at[bad[0], 'answer']!r} is not one of a, b, c, d")
+    return key
+
+
 def resolve_image(data_dir: Path, rel: str) -> Path:
     """The image's absolute path; refuses paths that leave DATA_DIR."""
     root = Path(data_dir).resolve()

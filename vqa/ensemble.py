@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 from vqa.config import Config
-from vqa.data import LETTERS, read_table
+from vqa.data import LETTERS, read_answer_key, read_table
 from vqa.blending import (GRID_MAX_RUNS, WEIGHT_STEP, accuracy, blend,
                           cross_validated_accuracy, search_weights, weight_score)
 from vqa.io import save_figure_atomic, write_json_atomic
@@ -266,10 +266,10 @@ def test_key_accuracy(data_dir: Path, order: list[str], single_answers: list[lis
                       answers: dict[str, str], names: list[str]) -> dict | None:
     """Each run's and the blend's test accuracy when DATA_DIR has an answer key
     (test_answers.csv: the embedded default has one; a competition's data has none)."""
-    key_path = Path(data_dir) / "test_answers.csv"
-    if not key_path.is_file():
+    key = read_answer_key(data_dir)
+    if key is None:
         return None
-    key = pd.read_csv(key_path, dtype=str, keep_default_na=False).set_index("id")["answer"]
+    key = key.set_index("id")["answer"]
     keyed = [n for n, i in enumerate(order) if i in key.index]
     if not keyed:
         return None

@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import pandas as pd
 
 from vqa.config import Config
-from vqa.data import LETTERS, read_table
+from vqa.data import LETTERS, read_answer_key, read_table
 from vqa.io import save_figure_atomic, write_json_atomic
 from vqa.model import load_for_inference, load_processor
 from vqa.options import (answers_for, argmax_letter, circular_accuracy, combined, expanded,
@@ -52,11 +51,10 @@ def plot_confusion(matrix: np.ndarray, title: str, path) -> None:
 
 def test_rows_with_key(config: Config) -> list[dict] | None:
     """test.csv rows joined with test_answers.csv (id, answer[, family]) when the key exists."""
-    key_path = config.data_dir / "test_answers.csv"
-    if not key_path.is_file():
+    key = read_answer_key(config.data_dir)
+    if key is None:
         return None
     test = read_table(config.data_dir / "test.csv", with_answer=False)
-    key = pd.read_csv(key_path, dtype=str, keep_default_na=False)
     merged = test.merge(key, on="id", how="inner")
     if "family" not in merged:
         merged["family"] = "all"
