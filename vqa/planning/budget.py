@@ -61,9 +61,7 @@ def trade(config: Config, arch: Architecture, train: list[RowShape], test: list[
     tried = []
     for max_pixels in candidates(tokens, train + test):
         at = dataclasses.replace(tokens, max_pixels=max_pixels)
-        # prediction sees test.csv's rows, and train.csv's in make eval's validation sample
-        plan, work = make_plan(config, budget, arch, train, test + train, at, gpus_found,
-                               test_rows=len(test))
+        plan, work = make_plan(config, budget, arch, train, test, at, gpus_found)
         times = predicted_times(config, arch, work, plan, card[1], card[0], config.val_sample,
                                 shifts)
         tried.append((plan, work, _row(max_pixels, work, plan, times,

@@ -317,16 +317,17 @@ def suggest_max_pixels(config: Config, arch: Architecture, train: list[RowShape]
 
 
 def make_plan(config: Config, budget: Budget | None, arch: Architecture | None,
-              train: list[RowShape], predict: list[RowShape], tokens: Tokens,
-              gpus_found: int = 0, test_rows: int | None = None) -> tuple[Plan, Workload]:
+              train: list[RowShape], test: list[RowShape], tokens: Tokens,
+              gpus_found: int = 0) -> tuple[Plan, Workload]:
     """The plan on this data (training without the rows above MAX_SEQUENCE_LENGTH, which it
     skips), with a MAX_PIXELS suggestion when the heaviest rows do not fit or any row exceeds
-    MAX_SEQUENCE_LENGTH; and the planned workload (`test_rows`: the first `predict` rows that
-    are test.csv's, the rest make eval's)."""
+    MAX_SEQUENCE_LENGTH; and the planned workload. Prediction sees test.csv's rows, and
+    train.csv's in make eval's validation sample: the workload's test rows come first."""
     limit = config.max_sequence_length
+    predict = test + train
     trained = [r for r in train if not limit or tokens.length(r) <= limit]
     work = workload(trained, predict, tokens)
-    work.test_rows = test_rows
+    work.test_rows = len(test)
     plan = plan_batches(config, budget, arch, work, gpus_found)
     too_long = bool(limit) and workload(train, predict, tokens).longest > limit
     if arch is not None and (plan.blocking or too_long):

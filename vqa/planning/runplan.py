@@ -218,14 +218,12 @@ def make_run_plan(config: Config, machine: Machine | None = None, processor=None
         log.warning("%s", exc)
     budget = budget_for(config.target_gpu, config.target_gpu_memory, machine, config.nproc)
     card = card_for(config, machine)
-    # Prediction sees test.csv's rows, and train.csv's in make eval's validation sample.
     if config.time_budget:
         plan, work = _budget_plan(config, machine, arch, train_shapes, test_shapes, tokens,
                                   budget, card)
     else:
-        plan, work = make_plan(config, budget, arch, train_shapes, test_shapes + train_shapes,
-                               tokens, gpus_found=len(visible_gpus(machine)),
-                               test_rows=len(test_shapes))
+        plan, work = make_plan(config, budget, arch, train_shapes, test_shapes, tokens,
+                               gpus_found=len(visible_gpus(machine)))
     plan.predicted = _predicted(config, arch, work, plan, card)
     return RunPlan(plan, plan_inputs(config, machine, tables), machine, tokens, source, work,
                    tables, train_shapes, test_shapes,
