@@ -72,11 +72,11 @@ def test_submit_is_predicted_on_the_test_rows_alone():
     from vqa.planning.planner import Plan
     from vqa.planning.rows import Workload
 
-    config = load_config(["TARGET_GPU=A10G"], environ={})
+    config = load_config(["TARGET_GPU=A10G", "VAL_SAMPLE=64"], environ={})
     a10g = gpu_table()["A10G"]
     # 100 test rows, then 300 of train.csv's that make eval's validation sample may use
     work = Workload([400] * 300, [256] * 300, [400] * 400, [256] * 400, test_rows=100)
-    times = timing.predicted_times(config, ARCH, work, Plan(8, 2, 32), a10g, "A10G", 64)
+    times = timing.predicted_times(config, ARCH, work, Plan(8, 2, 32), ("A10G", a10g))
     alone = timing.predict_seconds(ARCH, [400] * 100, [256] * 100, 32, a10g)
     assert times["submit_s"] == pytest.approx(alone, rel=1e-3)
 
@@ -92,12 +92,14 @@ def test_stage_times_follow_early_stopping_and_rotation():
     from vqa.planning.planner import Plan
     from vqa.planning.rows import Workload
 
-    config = load_config(["EPOCHS=3", "TARGET_GPU=A10G"], environ={})
+    settings = ["EPOCHS=3", "TARGET_GPU=A10G", "VAL_SAMPLE=64"]
+    config = load_config(settings, environ={})
     work = Workload([400] * 200, [256] * 200, [400] * 100, [256] * 100)
     plan = Plan(8, 2, 32)
-    once = timing.predicted_times(config, ARCH, work, plan, gpu_table()["A10G"], "A10G", 64)
-    rotated = timing.predicted_times(config, ARCH, work, plan, gpu_table()["A10G"], "A10G", 64,
-                                     shifts=4)
+    a10g = ("A10G", gpu_table()["A10G"])
+    once = timing.predicted_times(config, ARCH, work, plan, a10g)
+    rotated = timing.predicted_times(load_config([*settings, "TTA=rotate"], environ={}), ARCH,
+                                     work, plan, a10g)
     assert once["best_epochs"] == 2 and once["epochs"] == 3
     assert once["train_worst_s"] == pytest.approx(once["train_epoch_s"] * 3, rel=1e-3)
     assert once["train_best_s"] == pytest.approx(once["train_epoch_s"] * 2, rel=1e-3)

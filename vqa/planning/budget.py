@@ -57,13 +57,11 @@ def trade(config: Config, arch: Architecture, train: list[RowShape], test: list[
     it fits TIME_BUDGET, when one is set)."""
     from vqa.planning.timing import predicted_times
 
-    shifts = 4 if config.tta == "rotate" else 1
     tried = []
     for max_pixels in candidates(tokens, train + test):
         at = dataclasses.replace(tokens, max_pixels=max_pixels)
         plan, work = make_plan(config, budget, arch, train, test, at, gpus_found)
-        times = predicted_times(config, arch, work, plan, card[1], card[0], config.val_sample,
-                                shifts)
+        times = predicted_times(config, arch, work, plan, card)
         tried.append((plan, work, _row(max_pixels, work, plan, times,
                                        config.time_budget_seconds)))
     return tried

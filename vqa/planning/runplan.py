@@ -177,8 +177,7 @@ def _predicted(config: Config, arch: Architecture | None, work: Workload, plan: 
         return None
     if plan.epochs:
         config = dataclasses.replace(config, epochs=plan.epochs)
-    return predicted_times(config, arch, work, plan, card[1], card[0], config.val_sample,
-                           4 if config.tta == "rotate" else 1)
+    return predicted_times(config, arch, work, plan, card)
 
 
 def planned(config: Config, plan: Plan, processor):

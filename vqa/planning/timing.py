@@ -192,13 +192,17 @@ def predict_seconds(arch: Architecture, lengths: list[int], visual: list[int], b
                    "score") / max(1, ranks)
 
 
-def predicted_times(config, arch: Architecture, work, plan, card: dict, card_name: str,
-                    val_rows: int, shifts: int = 1) -> dict:
-    """Preflight's predicted wall time of each stage on `card`, in seconds: training per epoch
-    (validation included) and over EPOCHS at best and worst of early stopping, make eval, make
-    submit (TTA=rotate asks `shifts` times the rows)."""
+def predicted_times(config, arch: Architecture, work, plan, card: tuple[str, dict]) -> dict:
+    """Preflight's predicted wall time of each stage on `card` (its name and table entry), in
+    seconds: training per epoch (VAL_SAMPLE's validation included) and over EPOCHS at best and
+    worst of early stopping, make eval, make submit (TTA=rotate asks every row once per option
+    shift)."""
     from vqa.families import family_for
+    from vqa.options import SHIFTS
 
+    card_name, card = card
+    val_rows = config.val_sample
+    shifts = SHIFTS if config.tta == "rotate" else 1
     windowed = family_for(arch.family).windowed_vision
     ranks = config.world_size
     train = train_epoch_seconds(arch, work.train_lengths, work.train_visual,
