@@ -43,6 +43,8 @@ def test_a_bad_budget_is_one_line(settings, message):
 def _choose(card: str, budget: str, *more: str):
     config = load_config([f"TIME_BUDGET={budget}", f"TARGET_GPU={card}", *more], environ={})
     memory = budget_for(config.target_gpu, "", None)
+    # 500 rows to submit (TEST, and TRAIN's again): enough that TTA=rotate's 4x submit moves
+    # the choice against training's time
     plan, work = time_budget.choose(config, ARCH, TRAIN, TEST + TRAIN, TOKENS, memory,
                                     card_named(card))
     return plan, work, plan.time_budget
