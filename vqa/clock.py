@@ -63,9 +63,13 @@ def job_clock(predicted: dict | None):
         def __init__(self):
             self.progress = None
             self.started = None
+            self.predicted = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started, self.first_step = time.perf_counter(), state.global_step
+            # the epochs this run trains, which may differ from those the plan was made at
+            self.predicted = (dict(predicted, train_worst_s=predicted["train_epoch_s"]
+                                   * args.num_train_epochs) if predicted else None)
 
         def on_step_end(self, args, state, control, **kwargs):
             bar = getattr(self.progress, "training_bar", None)
@@ -73,11 +77,8 @@ def job_clock(predicted: dict | None):
                 return
             # a resumed run counts its pace from the steps it ran itself
             done = state.global_step - self.first_step
-            # the epochs this run trains, which may differ from those the plan was made at
-            own = (dict(predicted, train_worst_s=predicted["train_epoch_s"]
-                        * args.num_train_epochs) if predicted else None)
             text = postfix("train", time.perf_counter() - self.started, done,
-                           state.max_steps - state.global_step, state.max_steps, own)
+                           state.max_steps - state.global_step, state.max_steps, self.predicted)
             if text:
                 bar.set_postfix_str(text, refresh=False)
 
