@@ -48,17 +48,26 @@ def fitted_on(row: dict, images: set[str], models: list[str]) -> bool:
                                                              for m in models))
 
 
+def _cost(row: dict):
+    """The row's recorded cost as the time model's Cost (its CPU seconds apart)."""
+    from vqa.planning import timing
+
+    c = row["cost"]
+    return timing.Cost(c["flops"], c["elements"], c["weight_bytes"], c["decode_steps"])
+
+
 def _terms(row: dict) -> tuple[list[float], float]:
-    """The row's two fitted terms (FLOPs over the rate, elements over the bandwidth) and what
-    is left of its measured time for them."""
+    """The row's two fitted terms (FLOPs over the rate, elements over the bandwidth: the time
+    model at unit factors) and what is left of its measured time for them."""
     from vqa.planning import timing
     from vqa.planning.hardware import gpu_table
 
-    rate, bandwidth, _ = timing.card_rates(gpu_table()[row["card"]])
-    c = row["cost"]
-    fixed = (c["weight_bytes"] / bandwidth + c["decode_steps"] * timing.GENERATE_STEP_SECONDS
-             + c["cpu_s"])
-    return [c["flops"] / rate, c["elements"] / bandwidth], row["measured_s"] - fixed
+    card, kind, cost = gpu_table()[row["card"]], row["kind"], _cost(row)
+    fixed = timing.seconds(timing.Cost(0, 0, cost.weight_bytes, cost.decode_steps), card, kind,
+                           (1.0, 0.0)) + row["cost"]["cpu_s"]
+    flops = timing.seconds(timing.Cost(flops=cost.flops), card, kind, (1.0, 0.0))
+    elements = timing.seconds(timing.Cost(elements=cost.elements), card, kind, (1.0, 1.0))
+    return [flops, elements], row["measured_s"] - fixed
 
 
 def solve(rows: list[dict]) -> tuple[float, float]:
@@ -83,9 +92,8 @@ def predicted(row: dict, factors: tuple[float, float]) -> float:
     from vqa.planning import timing
     from vqa.planning.hardware import gpu_table
 
-    c = row["cost"]
-    cost = timing.Cost(c["flops"], c["elements"], c["weight_bytes"], c["decode_steps"])
-    return timing.seconds(cost, gpu_table()[row["card"]], row["kind"], factors) + c["cpu_s"]
+    return (timing.seconds(_cost(row), gpu_table()[row["card"]], row["kind"], factors)
+            + row["cost"]["cpu_s"])
 
 
 def main() -> int:
