@@ -151,7 +151,7 @@ def test_collator_labels_only_the_answer_letter_and_end(small_data, tiny_model_d
 
 
 @pytest.mark.parametrize("text, message", [
-    ("id,answer\nT1,a\nT1,b\n", "row 3: duplicate id 'T1'"),
+    ("id,answer\nT1,a\nT1,b\n", "row 3: duplicate id 'T1' (1 duplicate(s) in all)"),
     ("id,answer\nT1,a\nT2,e\n", "row 3 (id 'T2'): answer 'e' is not one of a, b, c, d"),
     ("id,letter\nT1,a\n", "missing column(s) answer; found id, letter"),
 ])

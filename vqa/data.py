@@ -54,23 +54,20 @@ def csv_encoding(path: Path) -> str:
     return "cp949"
 
 
-def read_table(path: Path, *, with_answer: bool) -> pd.DataFrame:
-    """Reads and validates train.csv (with_answer) or test.csv; raises DataError on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+def _read_csv(path: Path, required: list[str], *, rows_needed: bool) -> pd.DataFrame:
+    """A CSV of strings with the `required` columns, stripped, and unique ids; DataError on
+    anything else (`rows_needed`: a header alone is an error)."""
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False,
                             encoding=csv_encoding(path))
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise DataError(f"{path}: cannot parse CSV ({str(exc).splitlines()[0]})") from None
     frame.columns = [str(c).strip() for c in frame.columns]
-    required = REQUIRED_COLUMNS + (["answer"] if with_answer else [])
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
                         f"found {', '.join(frame.columns)}")
-    if frame.empty:
+    if rows_needed and frame.empty:
         raise DataError(f"{path}: no rows (header only)")
     for column in required:
         frame[column] = frame[column].astype(str).str.strip()
@@ -79,17 +76,32 @@ def read_table(path: Path, *, with_answer: bool) -> pd.DataFrame:
         row = int(duplicated.index[0]) + 2  # +1 header, +1 one-based
         raise DataError(f"{path}: row {row}: duplicate id {duplicated.iloc[0]!r} "
                         f"({duplicated.size} duplicate(s) in all)")
+    return frame
+
+
+def _check_answers(frame: pd.DataFrame, path: Path) -> None:
+    """The answer column lower-cased, each one of a-d; DataError naming the first that is not."""
+    frame["answer"] = frame["answer"].str.lower()
+    bad = frame.index[~frame["answer"].isin(LETTERS)]
+    if len(bad):
+        raise DataError(f"{path}: row {int(bad[0]) + 2} (id {frame.at[bad[0], 'id']!r}): "
+                        f"answer {frame.at[bad[0], 'answer']!r} is not one of a, b, c, d")
+
+
+def read_table(path: Path, *, with_answer: bool) -> pd.DataFrame:
+    """Reads and validates train.csv (with_answer) or test.csv; raises DataError on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    frame = _read_csv(path, REQUIRED_COLUMNS + (["answer"] if with_answer else []),
+                      rows_needed=True)
     for column in ["id", "path", "question", *LETTERS]:
         empty = frame.index[frame[column] == ""]
         if len(empty):
             raise DataError(f"{path}: row {int(empty[0]) + 2} (id {frame.at[empty[0], 'id']!r}): "
                             f"empty {column!r}")
     if with_answer:
-        frame["answer"] = frame["answer"].str.lower()
-        bad = frame.index[~frame["answer"].isin(LETTERS)]
-        if len(bad):
-            raise DataError(f"{path}: row {int(bad[0]) + 2} (id {frame.at[bad[0], 'id']!r}): "
-                            f"answer {frame.at[bad[0], 'answer']!r} is not one of a, b, c, d")
+        _check_answers(frame, path)
     return frame.reset_index(drop=True)
 
 
@@ -97,30 +109,13 @@ ANSWER_KEY = "test_answers.csv"  # id, answer[, family]: the embedded default's 
 
 
 def read_answer_key(data_dir: Path) -> pd.DataFrame | None:
-    """DATA_DIR's test answer key (id, answer, and optionally family), validated like train.csv's
-    answers; None when there is none (a competition's data has none)."""
+    """DATA_DIR's test answer key (id, answer, and optionally family), read and validated as
+    train.csv's answers are; None when there is none (a competition's data has none)."""
     path = Path(data_dir) / ANSWER_KEY
     if not path.is_file():
         return None
-    try:
-        key = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=csv_encoding(path))
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{path}: cannot parse CSV ({str(exc).splitlines()[0]})") from None
-    key.columns = [str(c).strip() for c in key.columns]
-    missing = [c for c in ("id", "answer") if c not in key.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; "
-                        f"found {', '.join(key.columns)}")
-    key["id"] = key["id"].str.strip()
-    key["answer"] = key["answer"].str.strip().str.lower()
-    duplicated = key["id"][key["id"].duplicated()]
-    if not duplicated.empty:
-        raise DataError(f"{path}: row {int(duplicated.index[0]) + 2}: duplicate id "
-                        f"{duplicated.iloc[0]!r}")
-    bad = key.index[~key["answer"].isin(LETTERS)]
-    if len(bad):
-        raise DataError(f"{path}: row {int(bad[0]) + 2} (id {key.at[bad[0], 'id']!r}): "
-                        f"answer {key.at[bad[0], 'answer']!r} is not one of a, b, c, d")
+    key = _read_csv(path, ["id", "answer"], rows_needed=False)
+    _check_answers(key, path)
     return key
 
 
