@@ -157,9 +157,9 @@ _SECONDS = {"d": 86400, "day": 86400, "days": 86400, "h": 3600, "hr": 3600, "hou
 def parse_duration(raw: str) -> float:
     """6h, 30min, 1h30min, 90m, 2.5h as seconds; ValueError naming TIME_BUDGET otherwise."""
     text = raw.strip().lower()
-    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([a-z]+)\s*", text)
-    if (not parts or "".join(re.findall(r"\d+(?:\.\d+)?\s*[a-z]+\s*", text)) != text
-            or any(unit not in _SECONDS for _, unit in parts)):
+    part = r"(\d+(?:\.\d+)?)\s*([a-z]+)\s*"  # a number and its unit
+    parts = re.findall(part, text)
+    if not re.fullmatch(f"(?:{part})+", text) or any(unit not in _SECONDS for _, unit in parts):
         raise ValueError(f"TIME_BUDGET={raw!r}: expected e.g. 6h, 30min or 1h30min")
     seconds = sum(float(number) * _SECONDS[unit] for number, unit in parts)
     if seconds <= 0:
