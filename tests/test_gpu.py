@@ -87,3 +87,37 @@ def test_grouped_vision_attention_matches_stock_in_bf16_on_the_gpu(gpu_setup):
         use_grouped_vision_attention(model)
     error = (grouped - stock).norm() / stock.norm()
     assert error < 1e-2, float(error)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_liger_kernels_give_the_stock_logits_and_gradients_on_the_gpu(model_type, tmp_path,
+                                                                    make_batch, monkeypatch):
+    """vqa/kernels.py with Liger's real Triton kernels (tests/test_kernels.py checks the wiring
+    on CPU): the same logits and gradients as transformers' stock code in bf16, every decoder
+    layer recomputed in the backward pass as make train does."""
+    from vqa import kernels, tiny
+    from vqa.families import family_for
+
+    monkeypatch.setattr(kernels, "FUSED_MIN_TOKENS", 1)  # a tiny batch's few tokens fused too
+    tokenizer = tiny.train_tokenizer(["what color is the shape?"] * 10)
+    config = tiny.tiny_config(tokenizer, model_type)
+    processor = tiny.tiny_processor(tokenizer, model_type)
+    batch = {k: v.cuda() for k, v in make_batch(processor, tmp_path).items()}
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    results = []
+    for fused in (False, True):
+        model = tiny.init_tiny_model(config, 0).to("cuda", torch.bfloat16)
+        if fused:
+            counts = kernels.use_fused_kernels(model, family_for(model_type))
+            assert min(counts.values()) > 0, counts
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        out = model(**batch)
+        out.loss.backward()
+        results.append((out.logits.float(), {n: p.grad.float() for n, p in
+                                             model.named_parameters() if p.grad is not None}))
+    (logits, grads), (fused_logits, fused_grads) = results
+    assert (fused_logits - logits).norm() / logits.norm() < 1e-2
+    assert grads.keys() == fused_grads.keys()
+    for name, grad in grads.items():
+        assert (fused_grads[name] - grad).norm() <= 3e-2 * grad.norm() + 1e-6, name

@@ -96,6 +96,8 @@ class Config:
     num_threads: int | None = None  # CPU threads for torch; None = torch's default
     # processes that load images and run the processor while the GPU works; None = auto
     dataloader_workers: int | None = None
+    # 1 = Liger Kernel's fused RMSNorm, rope and SiLU-mul on a GPU (vqa/kernels.py); 0 = stock
+    fused_kernels: int = 1
 
     @property
     def model_dir(self) -> Path:
@@ -229,6 +231,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"CALIBRATE_SHARE={config.calibrate_share}: must lie in (0, 1]")
     if config.shuffle_options not in (0, 1):
         raise ConfigError(f"SHUFFLE_OPTIONS={config.shuffle_options}: must be 0 or 1")
+    if config.fused_kernels not in (0, 1):
+        raise ConfigError(f"FUSED_KERNELS={config.fused_kernels}: must be 0 or 1")
     if config.folds < 0 or config.folds == 1:
         raise ConfigError(f"FOLDS={config.folds}: must be 0 (no folds) or 2 or more")
     if config.fold is not None and not 0 <= config.fold < max(config.folds, 1):

@@ -11,6 +11,7 @@ import torch
 from vqa import distributed
 from vqa.config import Config
 from vqa.io import file_fingerprint
+from vqa.kernels import use_fused_kernels
 from vqa.families import family_for
 from vqa.planning.shapes import cached_config
 from vqa.speed import (chunk_vision_tower, fuse_inference_linears, fuse_inference_mlps,
@@ -150,11 +151,13 @@ def load_model(config: Config, *, for_training: bool):
         model = AutoModelForImageTextToText.from_pretrained(model_id, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(_missing_model_message(model_id, exc)) from None
-    family_for(model.config.model_type, model_id)  # downloaded just now: checked the same
+    family = family_for(model.config.model_type, model_id)  # downloaded just now: checked too
     if not uses_4bit(config):
         model.to(f"cuda:{distributed.world().local_rank}" if device == "cuda" else device)
     model.config.use_cache = not for_training
     use_grouped_vision_attention(model)  # exact; one attention call per window size (speed.py)
+    if config.fused_kernels and torch.cuda.is_available():
+        use_fused_kernels(model, family)  # Liger's RMSNorm, rope, SiLU-mul (kernels.py)
     return model
 
 

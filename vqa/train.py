@@ -141,6 +141,7 @@ _NOT_TRAINING = {"PRED_BATCH_SIZE", "MAX_NEW_TOKENS", "INFER_MODE", "DATA_TRAIN_
                  # the same gradients, whatever the card: the micro-batch only splits the
                  # effective batch, and kept layers only skip recomputation
                  "PER_DEVICE_BATCH", "UNCHECKPOINTED_LAYERS", "UNCHECKPOINTED_ATTENTION",
+                 "FUSED_KERNELS",  # the same functions, in fewer kernels
                  # how eval and submit ask, and what make ensemble blends
                  "TTA", "CALIBRATE", "CALIBRATE_SHARE", "RUNS",
                  # where this host sits among several: the same run on every node

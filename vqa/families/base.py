@@ -73,6 +73,8 @@ class Family:
     # A share of memory planned free beyond the uncalibrated margin, and why (one clause).
     extra_margin: float = 0.0
     margin_reason: str = ""
+    # Whether its RMSNorms, rope and MLPs are Qwen2/Qwen3's, which vqa/kernels.py fuses on a GPU.
+    fused_kernels: bool = False
 
     @property
     def pixels_per_token(self) -> int:

@@ -26,6 +26,7 @@ FAMILY = Family(
     model_class="Qwen2_5_VLModel", processor_class="Qwen2_5_VLProcessor",
     video_processor_class="Qwen2VLVideoProcessor", patch_size=14, merge_size=2, min_pixels=3136,
     max_pixels=12845056, image_mean=CLIP_MEAN, image_std=CLIP_STD, windowed_vision=True,
+    fused_kernels=True,
     calibrated=True, vision_shapes=vision_shapes, vision_linears=vision_linears,
     tiny_vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4,
                      fullatt_block_indexes=[1], hidden_act="silu", in_channels=3,

@@ -24,6 +24,7 @@ FAMILY = Family(
     model_class="Qwen2VLModel", processor_class="Qwen2VLProcessor",
     video_processor_class="Qwen2VLVideoProcessor", patch_size=14, merge_size=2, min_pixels=3136,
     max_pixels=12845056, image_mean=CLIP_MEAN, image_std=CLIP_STD, windowed_vision=False,
+    fused_kernels=True,
     calibrated=True, vision_shapes=vision_shapes, vision_linears=vision_linears,
     # its vision tower attends over whole images in every block: more held per patch in
     # training than Qwen2.5-VL's windows (the 7B's rows of calibration.csv)

@@ -28,7 +28,8 @@ FAMILY = Family(
     model_class="Qwen3VLModel", processor_class="Qwen3VLProcessor",
     video_processor_class="Qwen3VLVideoProcessor", patch_size=16, merge_size=2, min_pixels=65536,
     max_pixels=16777216, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
-    windowed_vision=False, calibrated=True, vision_shapes=vision_shapes,
+    windowed_vision=False,
+    fused_kernels=True, calibrated=True, vision_shapes=vision_shapes,
     vision_linears=vision_linears,
     # Fitted on the 8B's training rows (the 4B's held out) and on both sizes' scoring rows
     # (calibration.csv, a minimax fit over relative error): DeepStack's three feature levels,
