@@ -96,7 +96,8 @@ def backoff_trainer_class():
             if "loss" in logs:
                 now = time.perf_counter()
                 if self._tokens_since is not None and now > self._tokens_since:
-                    logs["tokens_per_second"] = round(self._tokens / (now - self._tokens_since), 1)
+                    logs["tokens_per_second"] = round(float(self._tokens)
+                                                      / (now - self._tokens_since), 1)
                 self._tokens, self._tokens_since = 0, now
                 logs.update(memory_now())
             super().log(logs, *args, **kwargs)
@@ -115,11 +116,16 @@ def backoff_trainer_class():
                 failure = error.with_traceback(None)
             if failure is not None:
                 loss = self._recover(model, inputs, num_items_in_batch, failure)
-            kept = {k: v.cpu() if torch.is_tensor(v) else v for k, v in inputs.items()}
-            self._window.append((kept, num_items_in_batch))
-            # counted on the CPU copy the window keeps anyway: no second transfer
-            self._tokens += (int(kept["attention_mask"].sum()) if "attention_mask" in kept
-                             else kept["input_ids"].numel())
+            if len(self._window) + 1 < self.args.gradient_accumulation_steps:
+                # A later micro-batch of this window may need it replayed. The window's last
+                # one never is (the optimizer steps after it), so with no accumulation nothing
+                # is copied back from the GPU (a 1024x768 batch of 16 holds 300 MB of pixels,
+                # and .cpu() waits for the step to finish before it can copy them).
+                self._window.append(({k: v.cpu() if torch.is_tensor(v) else v
+                                      for k, v in inputs.items()}, num_items_in_batch))
+            mask = inputs.get("attention_mask")  # summed on the GPU: read at the next log line
+            self._tokens = self._tokens + (mask.sum() if mask is not None
+                                           else inputs["input_ids"].numel())
             return loss
 
         def _sizes(self, inputs) -> list[int]:
