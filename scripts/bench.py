@@ -150,11 +150,16 @@ def forward_flops(arch, length: int, visual_tokens: int, logit_positions: int) -
 # Models
 
 
-def load_base(config, for_training: bool, stock_vision: bool):
+def load_base(config, for_training: bool, stock: bool):
+    """The 4-bit base as vqa loads it; `stock`: as the reference runs it, with transformers'
+    per-window vision attention and its own RMSNorm, rope and MLP kernels."""
+    import dataclasses
+
     from vqa.model import load_model
 
-    model = load_model(config, for_training=for_training)
-    if stock_vision:
+    model = load_model(dataclasses.replace(config, fused_kernels=0) if stock else config,
+                       for_training=for_training)
+    if stock:
         model.set_attn_implementation({"vision_config": "sdpa"})
     return model
 
@@ -175,7 +180,7 @@ def reference_model(config):
 
     from vqa.model import uses_4bit
 
-    model = load_base(config, for_training=True, stock_vision=True)
+    model = load_base(config, for_training=True, stock=True)
     if uses_4bit(config):
         model = prepare_model_for_kbit_training(model)  # fp32 casts, reentrant checkpointing
     else:
@@ -400,6 +405,8 @@ def train_levers(bench: Bench, case: Case, model) -> None:
             if p.dtype == torch.float32 and not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
         lever("+ bf16 embeddings, lm_head, norms (no fp32 casts)", answer_loss)
+    if fused_kernels(bench, case, base):
+        lever("+ fused RMSNorm, rope, SiLU-mul (Liger)", answer_loss)
     lever(f"+ micro-batch {case.plan.per_device_batch} (planner)", answer_loss,
           case.plan.per_device_batch)
     bench.allocator(expandable=True)  # vqa's setting (vqa/__init__.py)
@@ -444,13 +451,16 @@ def bench_train(bench: Bench, cases: list[Case]) -> None:
         reference = references[case.name]
         _speedup(ours, reference)
         bench.curves[f"{case.arch.name.split('/')[-1]} {case.name} vqa"] = ours.get("losses", [])
-        # The fastest micro-batch within the reference's peak: from the largest down, the first
-        # whose measured peak stays at or below it, every layer checkpointed, from the same
-        # initial adapter as every other row.
+        # The fastest micro-batch within the reference's peak: from the largest down (the
+        # plan's own first, when the plan keeps layers), the first whose measured peak stays at
+        # or below it, every layer checkpointed, from the same initial adapter as every other
+        # row.
         limit = reference.get("peak_reserved_gib")
         if limit and (ours.get("peak_reserved_gib") or limit + 1) <= limit:
             limit = None  # vqa's own run is within it already
-        for candidate in [b for b in (8, 4, 2, 1) if b < plan.per_device_batch] if limit else []:
+        kept = plan.uncheckpointed_layers or plan.uncheckpointed_attention
+        for candidate in [b for b in (64, 32, 16, 8, 4, 2, 1) if b < plan.per_device_batch
+                          or (b == plan.per_device_batch and kept)] if limit else []:
             if surely_over(case, "train", candidate, train_estimate(
                     case.config, case.arch, case.work, candidate).reserved, limit):
                 continue
@@ -566,7 +576,17 @@ def predict_levers(bench: Bench, first: Case, base, model, lever_row) -> None:
     letters_only_head(model, letter_token_ids(first.processor.tokenizer))
     free(bench)
     lever_row(first, "+ output layer cut to the four letters", batch)
+    if fused_kernels(bench, first, base):
+        lever_row(first, "+ fused RMSNorm, rope, SiLU-mul (Liger)", batch)
     predict.ROPE_ON_CPU = True  # the product's setting, whatever the levers left
+
+
+def fused_kernels(bench: Bench, case: Case, base) -> bool:
+    """vqa/kernels.py on `base` (a lever row): whether they apply here (a GPU, the family)."""
+    from vqa.families import family_for
+    from vqa.kernels import use_fused_kernels
+
+    return bench.cuda and bool(use_fused_kernels(base, family_for(case.arch.family)))
 
 
 def bench_predict(bench: Bench, cases: list[Case]) -> None:
@@ -579,7 +599,7 @@ def bench_predict(bench: Bench, cases: list[Case]) -> None:
     # An untrained adapter on the base, as `make submit` loads a trained one (unmerged).
     bench.allocator(expandable=False)  # the reference runs with PyTorch's default allocator
     first = cases[0]
-    base = load_base(first.config, for_training=False, stock_vision=True)
+    base = load_base(first.config, for_training=False, stock=True)
     reference = get_peft_model(base, reference_lora(first.config))
     reference.eval()  # peft's default: the adapter in fp32
     adapter = bench.scratch / "untrained-adapter"
@@ -666,7 +686,7 @@ def untrained_adapter(bench: Bench, config) -> Path:
 
     adapter = bench.scratch / f"untrained-adapter-{Path(config.resolved_model_id).name}"
     if not (adapter / "adapter_config.json").is_file():
-        base = load_base(config, for_training=False, stock_vision=False)
+        base = load_base(config, for_training=False, stock=False)
         get_peft_model(base, reference_lora(config)).save_pretrained(adapter)
         base = None
         free(bench)
@@ -803,8 +823,10 @@ def bench_model(bench: Bench, model_dir: Path, scratch: Path) -> None:
     for size_name in bench.settings.listed("bench_images", default_images):
         data = scratch / f"data-{size_name}"
         if not (data / "train.csv").is_file():
+            # 64 distinct images, shared by the rows in turn: each row is still decoded and
+            # processed; writing 848 PNGs of noise at 1024x768 took ~95 s of the card's time
             write_synthetic_data(data, 16 * bench.train_steps, bench.predict_rows,
-                                 IMAGES[size_name])
+                                 IMAGES[size_name], images=64)
         settings = [f"MODEL_ID={model_dir}", f"DATA_DIR={data}", "QUANT=4bit",
                     f"ARTIFACTS_DIR={scratch / 'artifacts'}"]
         if bench.dry_run:  # CPU: every code path, small steps
