@@ -143,6 +143,7 @@ def answer_loss(model, inputs: dict, num_items_in_batch=None):
 # 6. Rope positions computed with the batch on the CPU (`RopeIndex`): Qwen2.5-VL's
 #    get_rope_index walks the batch row by row with small kernels and device syncs (`.tolist()`,
 #    `.item()`) while the GPU waits; given `position_ids`, the forward skips it.
+# 7. Fused RMSNorm, rope and SiLU-mul kernels, in training and prediction: vqa/kernels.py.
 
 FUSED_MIN_TOKENS = 256  # fewer tokens (generate's decode steps): bitsandbytes' 4-bit kernels win
 MLP_CHUNK_TOKENS = 4096
