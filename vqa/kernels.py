@@ -42,9 +42,10 @@ log = logging.getLogger("vqa")
 
 # Calls over fewer tokens keep the stock code. A small micro-batch's step is bound by the CPU's
 # kernel launches, and a Triton launch costs the CPU more than the stock kernels it replaces: at
-# micro-batch 2 the fused kernels made a step slower (7B at 448x448, 740 tokens: 0.727 -> 0.857
-# s; Qwen3-VL-8B at 1024x768, 1,770 tokens: 0.861 -> 0.969 s), at micro-batch 16 faster
-# (Qwen3-VL-8B at 1024x768, 14,160 tokens: 2.085 -> 1.677 s); make bench, H200, 2026-12-01.
+# micro-batch 2 the fused kernels made a micro-step slower (make bench's lever rows, H200,
+# 2026-12-01: 7B at 448x448, 740 tokens a call, 0.727 -> 0.857 s; Qwen3-VL-8B at 1024x768,
+# 1,770 tokens, 0.861 -> 0.969 s), at micro-batch 16 faster (Qwen3-VL-8B at 1024x768, 14,160
+# tokens: 1.677 s, against 2.085 s without them in a profiling run; docs/BENCHMARKS.md).
 FUSED_MIN_TOKENS = 4096
 # Inside a patched attention layer's call: the rope kernel it was patched with.
 _FUSED_ROPE = contextvars.ContextVar("vqa_fused_rope", default=None)
