@@ -1,9 +1,9 @@
 """Fused GPU kernels for the elementwise work between the matmuls (FUSED_KERNELS=1, the default).
 
-Profiled on Qwen3-VL-8B at 1024x768 on an H200 (`make bench`, docs/BENCHMARKS.md): about a third
-of a training micro-step's GPU time and a quarter of a scoring batch's went to elementwise
-kernels, not to matmuls. Three sources, each many passes over a hidden-wide tensor where one
-would do:
+Profiled on Qwen3-VL-8B at 1024x768 on an H200 (a torch-profiler run; docs/BENCHMARKS.md, the
+8B's `make bench` section): about a third of a training micro-step's GPU time and a quarter of
+a scoring batch's went to elementwise kernels, not to matmuls. Three sources, each many passes
+over a hidden-wide tensor where one would do:
 - RMSNorm (four per decoder layer with Qwen3's q/k norms): to fp32, square, mean, rsqrt,
   multiply, back to bf16, multiply by the weight, and as many kernels again in its backward;
 - rope on the queries and keys: rotate_half's slices, negation and concatenation, two products
@@ -37,6 +37,8 @@ import importlib
 import logging
 
 import torch
+
+from vqa.speed import is_gated_mlp, wrap_forward_once
 
 log = logging.getLogger("vqa")
 
@@ -78,11 +80,7 @@ def _liger():
 
 
 def _wrap_once(module, make_forward) -> bool:
-    if getattr(module, "_vqa_kernels", False):
-        return False
-    module.forward = make_forward(module, module.forward)
-    module._vqa_kernels = True
-    return True
+    return wrap_forward_once(module, make_forward, mark="_vqa_kernels")
 
 
 def _norm_forward(rms_norm):
@@ -143,8 +141,8 @@ def _is_norm(module) -> bool:
 
 def _is_silu_mlp(module) -> bool:
     act = getattr(module, "act_fn", None)  # transformers' ACT2FN["silu"] or torch's own
-    return (all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
-            and (isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"))
+    return is_gated_mlp(module) and (isinstance(act, torch.nn.SiLU)
+                                     or type(act).__name__ == "SiLUActivation")
 
 
 def _smoke_test(rms_norm) -> str | None:

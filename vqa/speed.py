@@ -178,14 +178,23 @@ def _inference_call(module, tokens: int) -> bool:
     return not (torch.is_grad_enabled() or module.training or tokens < FUSED_MIN_TOKENS)
 
 
-def _wrap_forward_once(module, make_forward) -> bool:
-    """Replaces `module.forward` by make_forward(module, original forward) unless done already;
-    True when it did."""
-    if getattr(module, "_vqa_fused", False):
+def wrap_forward_once(module, make_forward, mark: str = "_vqa_fused") -> bool:
+    """Replaces `module.forward` by make_forward(module, original forward) unless the attribute
+    `mark` says this wrapper is there already (each kind of wrapper has its own mark, so they
+    stack: vqa/kernels.py's under this module's); True when it did."""
+    if getattr(module, mark, False):
         return False
     module.forward = make_forward(module, module.forward)
-    module._vqa_fused = True
+    setattr(module, mark, True)
     return True
+
+
+GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def is_gated_mlp(module) -> bool:
+    """Qwen's MLP: down(act(gate(x)) * up(x)), in the language model and Qwen2.5-VL's tower."""
+    return all(hasattr(module, n) for n in (*GATED_MLP, "act_fn"))
 
 
 def fused_mlp_forward(mlp, original):
@@ -213,9 +222,8 @@ def fused_mlp_forward(mlp, original):
 def fuse_inference_mlps(model) -> int:
     """Every gate/up/down MLP of the model (language model and vision tower) takes the fused,
     chunked path in inference; training and small calls keep the stock one. Returns the count."""
-    return sum(_wrap_forward_once(module, fused_mlp_forward) for module in model.modules()
-               if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj",
-                                                   "act_fn")))
+    return sum(wrap_forward_once(module, fused_mlp_forward) for module in model.modules()
+               if is_gated_mlp(module))
 
 
 def fused_linear_forward(layer, original):
@@ -235,8 +243,8 @@ def fuse_inference_linears(model) -> int:
     from peft.tuners.lora import LoraLayer
 
     in_mlps = {id(getattr(m, n)) for m in model.modules() if getattr(m, "_vqa_fused", False)
-               for n in ("gate_proj", "up_proj", "down_proj") if hasattr(m, n)}
-    return sum(_wrap_forward_once(module, fused_linear_forward) for module in model.modules()
+               for n in GATED_MLP if hasattr(m, n)}
+    return sum(wrap_forward_once(module, fused_linear_forward) for module in model.modules()
                if isinstance(module, LoraLayer) and id(module) not in in_mlps)
 
 
